@@ -1,0 +1,104 @@
+"""Arrays and their LUNs: the seed's physical volume table (drawing 5)."""
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from csi_virtvol.model.ids import ArrayId, LunId
+
+
+class Ability(enum.Flag):
+    """What an array (or one LUN of it) can do by itself."""
+
+    NONE = 0
+    INTERNAL_COPY = enum.auto()   # snapshot/clone inside the array (seed: internal multiplexing)
+    REMOTE_COPY = enum.auto()     # push a LUN to another array (seed: external multiplexing)
+    DIRTY_TRACKING = enum.auto()  # changed-block tracking for differential resync
+    GROW_LUN = enum.auto()        # a LUN can be grown in place
+
+    @classmethod
+    def from_names(cls, names: "list[str] | tuple[str, ...]") -> "Ability":
+        out = cls.NONE
+        for n in names:
+            out |= cls[n.upper().replace("-", "_")]
+        return out
+
+    def names(self) -> list[str]:
+        return [a.name.lower().replace("_", "-") for a in Ability if a.name and a in self and a.value]
+
+
+ABILITY_NAMES = tuple(a.name.lower().replace("_", "-") for a in Ability if a.value)
+
+
+class LunState(enum.Enum):
+    """The seed's physical volume states ([0045]-[0046])."""
+
+    INTACT = "intact"                        # holds no user data; may be assigned
+    IN_USE = "in-use"                        # part of a virtual volume
+    ACCESS_PROHIBITED = "access-prohibited"  # temporarily fenced (during a copy)
+    FAILED = "failed"                        # unusable
+
+
+class LunOrigin(enum.Enum):
+    PROVISIONED = "provisioned"  # created by the driver; deleted when freed
+    DISCOVERED = "discovered"    # found on the array; wiped and returned to intact when freed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArrayIdentity:
+    vendor: str
+    model: str
+    version: str
+
+    def key(self) -> str:
+        return f"{self.vendor}/{self.model}/{self.version}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArraySpec:
+    """How the administrator described an array (config file or StorageArray CR)."""
+
+    id: ArrayId
+    kind: str
+    params: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # per-array admin override: ability name -> forced on/off
+    ability_overrides: Mapping[str, bool] = field(default_factory=dict)
+    topology: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArrayInfo:
+    """What the driver found out about an array."""
+
+    id: ArrayId
+    kind: str
+    identity: ArrayIdentity
+    probed: Ability
+    abilities: Ability  # effective: probe, then vendor table, then admin override
+    capacity_total: int
+    capacity_free: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    topology: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lun:
+    """One physical volume."""
+
+    array: ArrayId
+    id: LunId
+    size: int
+    address: str  # how a host reaches it: a file path, a device, an nbd:// URI, ...
+    state: LunState = LunState.INTACT
+    origin: LunOrigin = LunOrigin.PROVISIONED
+    volume: str = ""  # owning virtual volume (or snapshot) id, "" when intact
+
+    @property
+    def key(self) -> str:
+        return lun_key(self.array, self.id)
+
+
+def lun_key(array: ArrayId, lun: LunId) -> str:
+    return f"{array}:{lun}"

@@ -1,0 +1,63 @@
+"""Pairs: the seed's table 140.  One source, one or more copies, per-extent method."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from csi_virtvol.model.ids import PairId, VolumeId
+
+
+class CopyMethod(enum.Enum):
+    INTERNAL = "internal"  # the array copies inside itself (snapshot/clone/XCOPY)
+    REMOTE = "remote"      # the source array pushes to the target array
+    HOST = "host"          # the host reads and writes (the seed's volume multiplexing program)
+
+
+class PairState(enum.Enum):
+    COPYING = "copying"
+    SPLIT = "split"          # a frozen point-in-time image
+    PAIRED = "paired"        # kept in sync
+    RESYNCING = "resyncing"
+    FAILED = "failed"
+
+
+class ExtentCopyState(enum.Enum):
+    PENDING = "pending"
+    COPYING = "copying"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExtentCopy:
+    index: int
+    method: CopyMethod
+    state: ExtentCopyState
+    bytes_total: int
+    bytes_done: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PairTarget:
+    volume: VolumeId
+    state: PairState
+    extents: tuple[ExtentCopy, ...]
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    reason: str = ""
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(e.bytes_total for e in self.extents)
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(e.bytes_done for e in self.extents)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pair:
+    id: PairId
+    source: VolumeId
+    targets: tuple[PairTarget, ...]

@@ -1,0 +1,1 @@
+"""State stores: where the four tables live (SQLite embedded, CRDs on Kubernetes)."""

@@ -1,0 +1,89 @@
+"""The StateStore protocol.
+
+Every record kind is a `Table`: a model dataclass, a key function and named
+secondary indexes.  Each write is one atomic operation on one record carrying
+a revision; a write against a stale revision raises `errors.Conflict`
+(optimistic concurrency, as Kubernetes' resourceVersion).  Multi-record
+changes are made crash-safe by the services with intent states
+(VolumeState.CREATING / DELETING), not by store transactions, so that the CRD
+store can honour the same contract.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from csi_virtvol.model.array import ArrayInfo, Lun
+from csi_virtvol.model.ids import Revision
+from csi_virtvol.model.pair import Pair
+from csi_virtvol.model.volume import VirtualVolume
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Table(Generic[T]):
+    name: str
+    type: type[T]
+    key: Callable[[T], str]
+    indexes: Mapping[str, Callable[[T], str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Versioned(Generic[T]):
+    value: T
+    revision: Revision
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change(Generic[T]):
+    """One event from `watch`: kind is "put" or "delete"."""
+
+    kind: str
+    key: str
+    value: T | None
+    revision: Revision
+
+
+ARRAYS: Table[ArrayInfo] = Table(name="arrays", type=ArrayInfo, key=lambda a: a.id)
+LUNS: Table[Lun] = Table(
+    name="luns", type=Lun, key=lambda lun: lun.key,
+    indexes={"array": lambda lun: lun.array, "volume": lambda lun: lun.volume},
+)
+VOLUMES: Table[VirtualVolume] = Table(
+    name="volumes", type=VirtualVolume, key=lambda v: v.id,
+    indexes={"name": lambda v: f"{v.kind.value}/{v.name}", "source": lambda v: v.source_volume},
+)
+PAIRS: Table[Pair] = Table(
+    name="pairs", type=Pair, key=lambda p: p.id,
+    indexes={"source": lambda p: p.source},
+)
+ALL_TABLES: tuple[Table[ArrayInfo] | Table[Lun] | Table[VirtualVolume] | Table[Pair], ...] = (
+    ARRAYS, LUNS, VOLUMES, PAIRS)
+
+
+class StateStore(Protocol):
+    def get(self, table: Table[T], key: str) -> Versioned[T] | None:
+        """The record with that key, or None."""
+
+    def find(self, table: Table[T], *, index: str, value: str) -> list[Versioned[T]]:
+        """Records whose secondary index `index` equals `value`, ordered by key."""
+
+    def list(self, table: Table[T], *, after: str = "", limit: int = 0) -> list[Versioned[T]]:
+        """Records ordered by key, starting after key `after`; at most `limit` (0: all)."""
+
+    def create(self, table: Table[T], record: T) -> Revision:
+        """Insert; raises Conflict if the key exists."""
+
+    def update(self, table: Table[T], record: T, *, revision: Revision) -> Revision:
+        """Replace; raises Conflict on a stale revision, NotFound if missing."""
+
+    def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
+        """Remove; a missing key is not an error; Conflict on a stale revision."""
+
+    def watch(self, table: Table[T], *, timeout: float) -> Iterator[Change[T]]:
+        """Changes to the table from now on, until `timeout` seconds pass."""
+
+    def close(self) -> None:
+        """Release connections."""
