@@ -1,0 +1,389 @@
+"""The embedded StateStore: one SQLite file, stdlib sqlite3 only.
+
+Layout (schema version 1):
+
+* ``records(tbl, key, rev, body)``: one row per record, the body is the
+  model's codec dict as JSON.
+* ``idx(tbl, name, value, key)``: the Table's secondary indexes, computed by
+  the Table's index functions at write time.  The names each table was last
+  indexed with are kept in ``meta``; a writer that knows a different set
+  rebuilds that table's rows first, so adding an index needs no migration.
+* ``changes(seq, tbl, key, kind, body)``: the change log that `watch` polls.
+  ``seq`` is AUTOINCREMENT, so it never goes back even when the log is
+  trimmed; it doubles as the store-wide revision (like resourceVersion).  The
+  log keeps the last `log_retention` entries; a watcher that falls further
+  behind gets Conflict and must list again.
+* ``meta(name, value)``: ``schema_version``, ``log_floor`` (highest trimmed
+  seq) and ``indexes:<table>``.
+
+Every call is one transaction (writes take ``BEGIN IMMEDIATE`` so two
+writers never deadlock on a lock upgrade).  The file runs in WAL mode with
+``synchronous=FULL``: an acknowledged write survives a crash of the process
+or the machine.  Several processes may share the file; a process may open it
+read-only (``readonly=True``), which needs a writer to have created it.
+
+Connections are pooled: a call borrows an idle connection or opens one, so
+the store is safe to share between the threads of the gRPC server.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+from csi_virtvol import errors
+from csi_virtvol.model import codec
+from csi_virtvol.model.ids import Revision
+from csi_virtvol.store.base import Change, Table, Versioned
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# Statements that take the schema from version N-1 to N.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE records(tbl TEXT NOT NULL, key TEXT NOT NULL, rev INTEGER NOT NULL,"
+        " body TEXT NOT NULL, PRIMARY KEY (tbl, key)) WITHOUT ROWID",
+        "CREATE TABLE idx(tbl TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,"
+        " key TEXT NOT NULL, PRIMARY KEY (tbl, name, value, key)) WITHOUT ROWID",
+        "CREATE INDEX idx_by_key ON idx(tbl, key)",
+        "CREATE TABLE changes(seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL,"
+        " key TEXT NOT NULL, kind TEXT NOT NULL, body TEXT)",
+        "CREATE INDEX changes_by_tbl ON changes(tbl, seq)",
+        "INSERT INTO meta(name, value) VALUES ('log_floor', '0')",
+    ),
+}
+
+_TRIM_EVERY = 64      # trim the change log when seq is a multiple of this
+_WATCH_BATCH = 256    # change rows read per poll
+
+
+class SqliteStore:
+    """A StateStore in one SQLite file at `path` (created unless readonly)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        readonly: bool = False,
+        busy_timeout: float = 30.0,
+        poll_interval: float = 0.05,
+        log_retention: int = 10_000,
+    ) -> None:
+        if log_retention < _TRIM_EVERY:
+            raise errors.InvalidRequest(f"log_retention must be at least {_TRIM_EVERY}")
+        self._path = path
+        self._readonly = readonly
+        self._busy_timeout = busy_timeout
+        self._poll_interval = poll_interval
+        self._log_retention = log_retention
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        if readonly and not os.path.exists(path):
+            raise errors.BackendUnavailable(f"state store {path} does not exist yet")
+        self._open()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if self._readonly:
+                uri = "file:" + urllib.parse.quote(os.path.abspath(self._path)) + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout,
+                                       isolation_level=None, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self._path, timeout=self._busy_timeout,
+                                       isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                if not self._readonly:
+                    conn.execute("PRAGMA synchronous = FULL")
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as e:
+            raise _wrap(e, f"cannot open state store {self._path}") from e
+        return conn
+
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise errors.BackendUnavailable(f"state store {self._path} is closed")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect()
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:  # an aborted call must not leave a lock behind
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        finally:
+            with self._lock:
+                keep = not self._closed and not conn.in_transaction
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    @contextlib.contextmanager
+    def _txn(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction; sqlite3 errors come out as domain errors."""
+        if write and self._readonly:
+            raise errors.PreconditionFailed(f"state store {self._path} is open read-only")
+        with self._conn() as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise _wrap(e, f"state store {self._path}") from e
+
+    def _open(self) -> None:
+        if not self._readonly:
+            with self._conn() as conn:
+                try:
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                except sqlite3.Error as e:
+                    raise _wrap(e, f"cannot switch {self._path} to WAL") from e
+                if str(mode).lower() != "wal":
+                    raise errors.BackendError(f"state store {self._path}: journal mode {mode}, not wal")
+        with self._txn(write=not self._readonly) as conn:
+            version = _schema_version(conn)
+            if version > SCHEMA_VERSION:
+                raise errors.BackendError(
+                    f"state store {self._path} has schema version {version};"
+                    f" this driver knows up to {SCHEMA_VERSION}")
+            if version == SCHEMA_VERSION:
+                return
+            if self._readonly:
+                raise errors.BackendUnavailable(
+                    f"state store {self._path} has schema version {version}, needs"
+                    f" {SCHEMA_VERSION}; a writer must open it first")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                logger.info("migrating state store %s to schema version %d", self._path, v)
+                for stmt in _MIGRATIONS[v]:
+                    conn.execute(stmt)
+            conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
+
+    # -- reads -------------------------------------------------------------
+
+    def get(self, table: Table[T], key: str) -> Versioned[T] | None:
+        with self._txn(write=False) as conn:
+            row = conn.execute("SELECT rev, body FROM records WHERE tbl = ? AND key = ?",
+                               (table.name, key)).fetchone()
+        return None if row is None else _versioned(table, row[0], row[1])
+
+    def find(self, table: Table[T], *, index: str, value: str) -> list[Versioned[T]]:
+        func = table.indexes.get(index)
+        if func is None:
+            raise errors.InvalidRequest(f"table {table.name} has no index {index!r}")
+        with self._txn(write=False) as conn:
+            if index in _indexed_names(conn, table.name):
+                rows = conn.execute(
+                    "SELECT r.rev, r.body FROM idx i JOIN records r ON r.tbl = i.tbl AND r.key = i.key"
+                    " WHERE i.tbl = ? AND i.name = ? AND i.value = ? ORDER BY i.key",
+                    (table.name, index, value)).fetchall()
+                return [_versioned(table, rev, body) for rev, body in rows]
+            # Not materialised yet (a read-only opener, or no write since the
+            # index was added): scan.
+            rows = conn.execute("SELECT rev, body FROM records WHERE tbl = ? ORDER BY key",
+                                (table.name,)).fetchall()
+        found = [_versioned(table, rev, body) for rev, body in rows]
+        return [v for v in found if func(v.value) == value]
+
+    def list(self, table: Table[T], *, after: str = "", limit: int = 0) -> list[Versioned[T]]:
+        if limit < 0:
+            raise errors.InvalidRequest(f"limit must not be negative: {limit}")
+        with self._txn(write=False) as conn:
+            rows = conn.execute(
+                "SELECT rev, body FROM records WHERE tbl = ? AND key > ? ORDER BY key LIMIT ?",
+                (table.name, after, limit or -1)).fetchall()
+        return [_versioned(table, rev, body) for rev, body in rows]
+
+    # -- writes ------------------------------------------------------------
+
+    def create(self, table: Table[T], record: T) -> Revision:
+        key = table.key(record)
+        body = _encode(record)
+        with self._txn(write=True) as conn:
+            self._sync_indexes(conn, table)
+            if conn.execute("SELECT 1 FROM records WHERE tbl = ? AND key = ?",
+                            (table.name, key)).fetchone() is not None:
+                raise errors.Conflict(f"{table.name}/{key} already exists")
+            seq = self._log(conn, table.name, key, "put", body)
+            conn.execute("INSERT INTO records(tbl, key, rev, body) VALUES (?, ?, ?, ?)",
+                         (table.name, key, seq, body))
+            _write_index(conn, table, key, record)
+        return Revision(str(seq))
+
+    def update(self, table: Table[T], record: T, *, revision: Revision) -> Revision:
+        key = table.key(record)
+        body = _encode(record)
+        want = _parse_revision(table, key, revision)
+        with self._txn(write=True) as conn:
+            self._sync_indexes(conn, table)
+            row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
+                               (table.name, key)).fetchone()
+            if row is None:
+                raise errors.NotFound(f"{table.name}/{key} does not exist")
+            if row[0] != want:
+                raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {row[0]})")
+            seq = self._log(conn, table.name, key, "put", body)
+            conn.execute("UPDATE records SET rev = ?, body = ? WHERE tbl = ? AND key = ?",
+                         (seq, body, table.name, key))
+            conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+            _write_index(conn, table, key, record)
+        return Revision(str(seq))
+
+    def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
+        want = None if revision is None else _parse_revision(table, key, revision)
+        with self._txn(write=True) as conn:
+            row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
+                               (table.name, key)).fetchone()
+            if row is None:
+                return
+            if want is not None and row[0] != want:
+                raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {row[0]})")
+            self._log(conn, table.name, key, "delete", None)
+            conn.execute("DELETE FROM records WHERE tbl = ? AND key = ?", (table.name, key))
+            conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+
+    def _log(self, conn: sqlite3.Connection, tbl: str, key: str, kind: str, body: str | None) -> int:
+        cur = conn.execute("INSERT INTO changes(tbl, key, kind, body) VALUES (?, ?, ?, ?)",
+                           (tbl, key, kind, body))
+        seq = cur.lastrowid
+        assert seq is not None
+        if seq % _TRIM_EVERY == 0 and seq > self._log_retention:
+            floor = seq - self._log_retention
+            conn.execute("DELETE FROM changes WHERE seq <= ?", (floor,))
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'log_floor' AND CAST(value AS INTEGER) < ?",
+                         (str(floor), floor))
+        return seq
+
+    def _sync_indexes(self, conn: sqlite3.Connection, table: Table[T]) -> None:
+        """Rebuild the table's index rows if they were built for other index names."""
+        names = sorted(table.indexes)
+        if _indexed_names(conn, table.name) == names:
+            return
+        logger.info("state store %s: indexing table %s by %s", self._path, table.name, names)
+        conn.execute("DELETE FROM idx WHERE tbl = ?", (table.name,))
+        for key, body in conn.execute("SELECT key, body FROM records WHERE tbl = ?",
+                                      (table.name,)).fetchall():
+            _write_index(conn, table, key, codec.from_dict(table.type, json.loads(body)))
+        conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)",
+                     (f"indexes:{table.name}", json.dumps(names)))
+
+    # -- watch -------------------------------------------------------------
+
+    def watch(self, table: Table[T], *, timeout: float) -> Iterator[Change[T]]:
+        """Changes committed after this call returns its iterator, until `timeout`.
+
+        The starting point is taken now, not at the first `next()`.  Raises
+        Conflict (while iterating) if the change log was trimmed past the
+        watcher's position: list again and start a new watch.
+        """
+        with self._txn(write=False) as conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        start = 0 if row is None else int(row[0])
+        return self._watch(table, start, time.monotonic() + timeout)
+
+    def _watch(self, table: Table[T], cursor: int, deadline: float) -> Iterator[Change[T]]:
+        while True:
+            with self._txn(write=False) as conn:
+                floor = int(conn.execute("SELECT value FROM meta WHERE name = 'log_floor'").fetchone()[0])
+                if cursor < floor:
+                    raise errors.Conflict(
+                        f"watch on {table.name} fell behind the change log (at {cursor},"
+                        f" log starts after {floor}); list again")
+                rows = conn.execute(
+                    "SELECT seq, kind, key, body FROM changes WHERE tbl = ? AND seq > ?"
+                    " ORDER BY seq LIMIT ?", (table.name, cursor, _WATCH_BATCH)).fetchall()
+            for seq, kind, key, body in rows:
+                cursor = seq
+                value = None if body is None else codec.from_dict(table.type, json.loads(body))
+                yield Change(kind=kind, key=key, value=value, revision=Revision(str(seq)))
+            if len(rows) == _WATCH_BATCH:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(self._poll_interval, left))
+
+
+def _wrap(e: sqlite3.Error, what: str) -> errors.VirtvolError:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return errors.BackendUnavailable(f"{what}: busy: {e}")
+    return errors.BackendError(f"{what}: {e}")
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _indexed_names(conn: sqlite3.Connection, tbl: str) -> list[str]:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (f"indexes:{tbl}",)).fetchone()
+    if row is None:
+        return []
+    names: list[str] = json.loads(row[0])
+    return names
+
+
+def _write_index(conn: sqlite3.Connection, table: Table[T], key: str, record: T) -> None:
+    conn.executemany("INSERT INTO idx(tbl, name, value, key) VALUES (?, ?, ?, ?)",
+                     [(table.name, name, func(record), key) for name, func in table.indexes.items()])
+
+
+def _encode(record: Any) -> str:
+    return json.dumps(codec.to_dict(record), sort_keys=True, separators=(",", ":"))
+
+
+def _versioned(table: Table[T], rev: int, body: str) -> Versioned[T]:
+    return Versioned(value=codec.from_dict(table.type, json.loads(body)), revision=Revision(str(rev)))
+
+
+def _parse_revision(table: Table[T], key: str, revision: Revision) -> int:
+    try:
+        return int(revision)
+    except (TypeError, ValueError) as e:  # not one of ours: it cannot be current
+        raise errors.Conflict(f"{table.name}/{key}: revision {revision!r} is not a revision of this store") from e

@@ -1,0 +1,32 @@
+"""Every StateStore implementation the contract suite runs against.
+
+Each entry is (id, factory): the factory takes a scratch directory owned by
+the test and returns a context manager that yields a fresh, empty store and
+releases it (and anything it started, such as a fake API server) on exit.
+Append new stores here; the suite in test_store_contract.py picks them up.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from csi_virtvol.store.base import StateStore
+from csi_virtvol.store.sqlite import SqliteStore
+
+StoreFactory = Callable[[Path], AbstractContextManager[StateStore]]
+
+
+@contextlib.contextmanager
+def sqlite_store(scratch: Path) -> Iterator[StateStore]:
+    store = SqliteStore(str(scratch / "state.db"))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+STORE_FACTORIES: list[tuple[str, StoreFactory]] = [
+    ("sqlite", sqlite_store),
+]
