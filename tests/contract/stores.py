@@ -4,6 +4,15 @@ Each entry is (id, factory): the factory takes a scratch directory owned by
 the test and returns a context manager that yields a fresh, empty store and
 releases it (and anything it started, such as a fake API server) on exit.
 Append new stores here; the suite in test_store_contract.py picks them up.
+
+Points of the contract a new store must mind (the suite checks them):
+* `watch` fixes its starting point when it returns, not at the first next():
+  writes made between the call and the first next() are delivered.
+* Revisions are opaque strings; every write (delete included) makes a new one,
+  and a revision from before a delete never matches the re-created record.
+* `list` orders by key in Python string order (code points), so a key works
+  as a pagination token even after that record is deleted.
+* `find` on an index the Table does not declare raises InvalidRequest.
 """
 from __future__ import annotations
 
