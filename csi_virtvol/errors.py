@@ -49,3 +49,7 @@ class BackendUnavailable(VirtvolError):
 
 class BackendError(VirtvolError):
     """An array or host tool failed; the message says which and how."""
+
+
+class InvalidToken(VirtvolError):
+    """A pagination token the driver did not issue (CSI answers ABORTED)."""

@@ -16,6 +16,7 @@ from typing import Generic, Protocol, TypeVar
 
 from csi_virtvol.model.array import ArrayInfo, Lun
 from csi_virtvol.model.ids import Revision
+from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.pair import Pair
 from csi_virtvol.model.volume import VirtualVolume
 
@@ -59,8 +60,9 @@ PAIRS: Table[Pair] = Table(
     name="pairs", type=Pair, key=lambda p: p.id,
     indexes={"source": lambda p: p.source},
 )
-ALL_TABLES: tuple[Table[ArrayInfo] | Table[Lun] | Table[VirtualVolume] | Table[Pair], ...] = (
-    ARRAYS, LUNS, VOLUMES, PAIRS)
+NODES: Table[NodeInfo] = Table(name="nodes", type=NodeInfo, key=lambda n: n.id)
+ALL_TABLES: tuple[Table[ArrayInfo] | Table[Lun] | Table[VirtualVolume] | Table[Pair] | Table[NodeInfo], ...] = (
+    ARRAYS, LUNS, VOLUMES, PAIRS, NODES)
 
 
 class StateStore(Protocol):
@@ -87,3 +89,18 @@ class StateStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+def upsert(store: StateStore, table: Table[T], value: T, *, attempts: int = 5) -> Revision:
+    """Create or replace, retrying when another writer wins the race."""
+    from csi_virtvol import errors  # local: keep the protocol module import-light
+
+    for _ in range(attempts):
+        cur = store.get(table, table.key(value))
+        try:
+            if cur is None:
+                return store.create(table, value)
+            return store.update(table, value, revision=cur.revision)
+        except (errors.Conflict, errors.NotFound):
+            continue
+    raise errors.Conflict(f"could not record {table.name}/{table.key(value)}: too many concurrent writers")

@@ -1,0 +1,5 @@
+import sys
+
+from csi_virtvol.cli import main
+
+sys.exit(main())

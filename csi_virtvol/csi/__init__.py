@@ -1,0 +1,1 @@
+"""The gRPC adapter: parse requests, call services, build responses.  Nothing else."""

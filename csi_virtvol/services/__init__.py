@@ -1,0 +1,1 @@
+"""Use cases, transport-agnostic.  Idempotency and crash recovery live here."""

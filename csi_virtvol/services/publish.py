@@ -1,0 +1,121 @@
+"""ControllerPublish/Unpublish: attachments, and what the node needs to reach the LUNs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping
+
+from csi_virtvol import errors
+from csi_virtvol.model.capability import Capability, unsupported_reason
+from csi_virtvol.model.ids import NodeId
+from csi_virtvol.model.array import LunState
+from csi_virtvol.model.node import NodeInfo
+from csi_virtvol.model.volume import Attachment, VirtualVolume, VolumeKind, VolumeState
+from csi_virtvol.services.arrays import ArrayPool
+from csi_virtvol.services.locks import KeyedLocks
+from csi_virtvol.store import base as S
+from csi_virtvol.store.base import StateStore
+
+log = logging.getLogger(__name__)
+
+CTX_EXTENTS = "virtvol.csi.example.org/extents"
+CTX_SIZE = "virtvol.csi.example.org/size"
+
+
+def publish_context(vol: VirtualVolume, arrays: ArrayPool) -> dict[str, str]:
+    """The extents as [path, offset, length] in concatenation order."""
+    extents = [[arrays.driver(e.array).open_path(lun_id=e.lun), e.offset, e.length] for e in vol.extents]
+    return {CTX_EXTENTS: json.dumps(extents, separators=(",", ":")), CTX_SIZE: str(vol.size)}
+
+
+def extents_from_context(ctx: Mapping[str, str]) -> list[tuple[str, int, int]] | None:
+    raw = ctx.get(CTX_EXTENTS)
+    if not raw:
+        return None
+    try:
+        return [(str(p), int(o), int(n)) for p, o, n in json.loads(raw)]
+    except (ValueError, TypeError) as e:
+        raise errors.InvalidRequest(f"publish_context {CTX_EXTENTS} is malformed") from e
+
+
+class PublishService:
+    def __init__(self, *, store: StateStore, arrays: ArrayPool, locks: KeyedLocks) -> None:
+        self._store = store
+        self._arrays = arrays
+        self._locks = locks
+
+    @staticmethod
+    def register(store: StateStore, node: NodeInfo) -> None:
+        """A node plugin announces itself, so ControllerPublish can tell real nodes."""
+        S.upsert(store, S.NODES, node)
+
+    def publish(self, volume_id: str, node_id: str, *, capability: Capability | None,
+                readonly: bool) -> dict[str, str]:
+        if not volume_id:
+            raise errors.InvalidRequest("volume_id is required")
+        if not node_id:
+            raise errors.InvalidRequest("node_id is required")
+        if capability is None:
+            raise errors.InvalidRequest("volume_capability is required")
+        reason = unsupported_reason(capability)
+        if reason:
+            raise errors.UnsupportedCapability(reason)
+        with self._locks.hold(volume_id):
+            rec = self._store.get(S.VOLUMES, volume_id)
+            if rec is None or rec.value.kind is not VolumeKind.VOLUME or rec.value.state is VolumeState.DELETING:
+                raise errors.NotFound(f"volume {volume_id} does not exist")
+            if self._store.get(S.NODES, node_id) is None:
+                raise errors.NotFound(f"node {node_id} is not known to the driver")
+            vol = rec.value
+            if vol.state is not VolumeState.AVAILABLE:
+                raise errors.PreconditionFailed(
+                    f"volume {volume_id} is {vol.state.value}; it can be published when that ends")
+            self._check_luns(vol)
+            mine = vol.attached_to(NodeId(node_id))
+            if mine is not None:
+                if mine.readonly != readonly:
+                    raise errors.AlreadyExists(
+                        f"volume {volume_id} is published to {node_id} with readonly={mine.readonly}")
+                return publish_context(vol, self._arrays)
+            others = [a for a in vol.attachments if a.node != node_id]
+            if others and not (capability.access_mode.multi_node and capability.access_mode.read_only):
+                raise errors.PreconditionFailed(
+                    f"volume {volume_id} is published to {others[0].node}; access mode "
+                    f"{capability.access_mode.name} allows one node")
+            new = dataclasses.replace(vol, attachments=vol.attachments + (
+                Attachment(node=NodeId(node_id), readonly=readonly),))
+            self._store.update(S.VOLUMES, new, revision=rec.revision)
+            log.info("volume %s published to node %s (readonly=%s)", volume_id, node_id, readonly)
+            return publish_context(new, self._arrays)
+
+    def _check_luns(self, vol: VirtualVolume) -> None:
+        for e in vol.extents:
+            lrec = self._store.get(S.LUNS, f"{e.array}:{e.lun}")
+            if lrec is None:
+                continue
+            if lrec.value.state is LunState.ACCESS_PROHIBITED:
+                raise errors.PreconditionFailed(
+                    f"LUN {e.array}/{e.lun} of volume {vol.id} is access-prohibited while a copy "
+                    "reads it; publish again when the copy ends")
+            if lrec.value.state is LunState.FAILED:
+                raise errors.PreconditionFailed(f"LUN {e.array}/{e.lun} of volume {vol.id} has failed")
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        if not volume_id:
+            raise errors.InvalidRequest("volume_id is required")
+        with self._locks.hold(volume_id):
+            rec = self._store.get(S.VOLUMES, volume_id)
+            if rec is None:
+                return  # nothing to unpublish: success, as the spec says
+            vol = rec.value
+            keep = tuple(a for a in vol.attachments if node_id and a.node != node_id)
+            if keep == vol.attachments:
+                return
+            self._store.update(S.VOLUMES, dataclasses.replace(vol, attachments=keep), revision=rec.revision)
+            log.info("volume %s unpublished from %s", volume_id, node_id or "every node")
+
+
+def node_record(node_id: NodeId, topology: Mapping[str, str], max_volumes: int) -> NodeInfo:
+    return NodeInfo(id=node_id, topology=dict(topology), max_volumes=max_volumes, registered_at=time.time())

@@ -1,0 +1,112 @@
+"""A real csi-virtvol plugin on a real unix socket, for integration and conformance tests."""
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import yaml
+
+from csi_virtvol import app
+from csi_virtvol.config import load_config
+from csi_virtvol.csi._gen import csi_pb2 as pb
+from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
+from csi_virtvol.store import base as S
+from csi_virtvol.store.sqlite import SqliteStore
+
+NODE_ID = "test-node"
+
+
+@dataclass
+class Plugin:
+    endpoint: str
+    data_dir: Path
+    pools: dict[str, Path]
+    channel: grpc.Channel
+    identity: rpc.IdentityStub
+    controller: rpc.ControllerStub
+    node: rpc.NodeStub
+
+    def lun_files(self) -> list[str]:
+        out = []
+        for name, path in self.pools.items():
+            luns = path / "luns"
+            if luns.is_dir():
+                out += [f"{name}/{f}" for f in sorted(os.listdir(luns))]
+        return out
+
+    def records(self) -> dict[str, int]:
+        with SqliteStore(str(self.data_dir / "state.db"), readonly=True) as st:
+            return {t.name: len(st.list(t)) for t in (S.VOLUMES, S.LUNS, S.PAIRS)}
+
+    def footprint(self) -> tuple[list[str], dict[str, int]]:
+        """Everything a failed request must leave unchanged."""
+        return self.lun_files(), self.records()
+
+
+def mount_cap(fs: str = "", mode: int = pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=mode))
+    cap.mount.fs_type = fs
+    return cap
+
+
+def block_cap(mode: int = pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=mode))
+    cap.block.SetInParent()
+    return cap
+
+
+def unique(prefix: str = "vol") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@contextmanager
+def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str, str]]]) -> Iterator[Plugin]:
+    """pools: (array id, directory, capacity bytes (0: the filesystem's), labels)."""
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    arrays = []
+    for aid, path, cap, labels in pools:
+        params = {"path": str(path)}
+        if cap:
+            params["capacity"] = str(cap)
+        arrays.append({"id": aid, "kind": "file", "params": params, "labels": labels})
+    cfg_file = workdir / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"arrays": arrays}))
+    sock = f"/tmp/virtvol-{uuid.uuid4().hex[:12]}.sock"  # short: unix socket paths are limited
+    endpoint = f"unix://{sock}"
+    config = load_config(endpoint=endpoint, data_dir=str(data), node_id=NODE_ID, config_file=str(cfg_file))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.serve(config, stop=stop)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+    except grpc.FutureTimeoutError:
+        stop.set()
+        raise RuntimeError(f"plugin did not start: {errors}")
+    try:
+        yield Plugin(endpoint=endpoint, data_dir=data, pools={a: p for a, p, _, _ in pools}, channel=channel,
+                     identity=rpc.IdentityStub(channel), controller=rpc.ControllerStub(channel),
+                     node=rpc.NodeStub(channel))
+    finally:
+        channel.close()
+        stop.set()
+        t.join(timeout=30)
+        if os.path.exists(sock):
+            os.unlink(sock)
+    if errors:
+        raise errors[0]
