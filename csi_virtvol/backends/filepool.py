@@ -58,6 +58,7 @@ XATTR_SOURCE = "user.csi-virtvol.source"
 LUN_SUFFIX = ".img"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600.0
+SYNC_ATTEMPTS = 3  # syncfs rounds before a full filesystem is believed
 
 _LUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGTP]i?)?[Bb]?\s*")
@@ -363,15 +364,30 @@ class FilePoolDriver:
         return total, max(0, free)
 
     def _check_room(self, *, apparent: int, reserve: int) -> None:
-        vfs = os.statvfs(self._root)
         usage = self._usage()
-        fs_free = vfs.f_bavail * vfs.f_frsize - usage.reserved
-        if reserve > fs_free:
-            raise errors.CapacityExceeded(
-                f"array {self._spec.id}: needs {reserve} bytes, filesystem has {max(0, fs_free)} unpromised")
         if self._cap is not None and usage.apparent + apparent > self._cap:
             raise errors.CapacityExceeded(
                 f"array {self._spec.id}: {usage.apparent} + {apparent} bytes exceeds capacity {self._cap}")
+        fs_free = 0
+        for attempt in range(SYNC_ATTEMPTS + 1):
+            vfs = os.statvfs(self._root)
+            fs_free = vfs.f_bavail * vfs.f_frsize - usage.reserved
+            if reserve <= fs_free:
+                return
+            if attempt < SYNC_ATTEMPTS:
+                # XFS and btrfs free a deleted file's blocks in the background;
+                # syncfs(2) makes them count before we say "full"
+                self._syncfs()
+        raise errors.CapacityExceeded(
+            f"array {self._spec.id}: needs {reserve} bytes, filesystem has {max(0, fs_free)} unpromised")
+
+    def _syncfs(self) -> None:
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _libc_fn().syncfs(fd) != 0:
+                logger.debug("array %s: syncfs: %s", self._spec.id, os.strerror(ctypes.get_errno()))
+        finally:
+            os.close(fd)
 
     def _probe(self) -> Ability:
         if self._probed is None:
@@ -476,14 +492,21 @@ def _unescape(field: str) -> str:
 _libc: ctypes.CDLL | None = None
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """fallocate(PUNCH_HOLE|KEEP_SIZE); False when the filesystem cannot."""
+def _libc_fn() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-        _libc.fallocate.restype = ctypes.c_int
-    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        lib.fallocate.restype = ctypes.c_int
+        lib.syncfs.argtypes = [ctypes.c_int]
+        lib.syncfs.restype = ctypes.c_int
+        _libc = lib
+    return _libc
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE); False when the filesystem cannot."""
+    rc = _libc_fn().fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc == 0:
         return True
     err = ctypes.get_errno()
