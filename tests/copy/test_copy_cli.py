@@ -1,0 +1,169 @@
+"""`csi-virtvol copy` as a copy pod runs it: a real subprocess, killed and restarted."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from csi_virtvol.copy import cli
+
+MiB = 1 << 20
+CLI = [sys.executable, "-m", "csi_virtvol.copy.cli"]
+
+
+@pytest.mark.parametrize("text,value", [
+    ("0", 0), ("4096", 4096), ("4k", 4096), ("4K", 4096), ("100M", 100 * MiB),
+    ("1GiB", 1 << 30), ("2G", 2 << 30), ("3MB", 3 * MiB),
+])
+def test_parse_size(text: str, value: int) -> None:
+    assert cli.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1", "1.5G", "12X"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        cli.parse_size(text)
+
+
+@pytest.mark.parametrize("spec,with_length,expected", [
+    ("/a/b", True, ("/a/b", 0, None)),
+    ("/a/b:4096", True, ("/a/b", 4096, None)),
+    ("/a/b:1M:2M", True, ("/a/b", MiB, 2 * MiB)),
+    ("/a/b::2M", True, ("/a/b", 0, 2 * MiB)),
+    ("/a/b:1M:2M", False, ("/a/b:1M", 2 * MiB, None)),
+    ("/dev/disk/by-path/pci-0000:00:1f.2-ata-1", True,
+     ("/dev/disk/by-path/pci-0000:00:1f.2-ata-1", 0, None)),
+    ("/dev/disk/by-path/pci-0000:00:1f.2-ata-1:512", True,
+     ("/dev/disk/by-path/pci-0000:00:1f.2-ata-1", 512, None)),
+])
+def test_parse_endpoint(spec: str, with_length: bool,
+                        expected: tuple[str, int, int | None]) -> None:
+    e = cli.parse_endpoint(spec, with_length=with_length)
+    assert (e.path, e.offset, e.length) == expected
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in out.splitlines() if x.strip()]
+
+
+def test_json_lines_and_progress_file(tmp_path: Path) -> None:
+    src, dst, pf = tmp_path / "src", tmp_path / "dst", tmp_path / "progress.json"
+    src.write_bytes(os.urandom(10 * MiB))
+    p = run_cli("--src", f"{src}:4096:8M", "--dst", f"{dst}:1M", "--progress",
+                "--progress-file", str(pf), "--checkpoint-bytes", "2M", "--verify")
+    assert p.returncode == 0, p.stderr
+    events = lines(p.stdout)
+    progress = [e["bytes_done"] for e in events if e["event"] == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 8 * MiB and len(progress) >= 3
+    assert events[-1]["event"] == "done" and events[-1]["verified"] is True
+    assert dst.read_bytes()[MiB:] == src.read_bytes()[4096:4096 + 8 * MiB]
+    saved = json.loads(pf.read_text())
+    assert saved["bytes_done"] == 8 * MiB and saved["src_offset"] == 4096
+
+
+def test_tty_progress_bar() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    rep = cli._Reporter(out=out, enabled=True, total=8 * MiB, start=0, progress_file=None,
+                        ident={})
+    rep.checkpoint(4 * MiB)
+    rep.finish({"event": "done"})
+    assert "\r[###############               ]  50.0% 4/8 MiB" in out.getvalue()
+    assert out.getvalue().endswith("\nevent=done\n")
+
+
+def test_bad_usage_and_failures(tmp_path: Path) -> None:
+    assert run_cli("--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "d")).returncode == 1
+    assert run_cli("--src", "x", "--dst", "y", "--bwlimit", "fast").returncode == 2
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 8192)
+    p = run_cli("--src", str(src), "--dst", str(tmp_path / "d"), "--resume-from", "auto")
+    assert p.returncode == 2 and "--progress-file" in p.stderr
+
+
+def wait_for_checkpoint(pf: Path, proc: subprocess.Popen[str], total: int) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the copy ended before it could be killed"
+        if pf.exists():
+            done = int(json.loads(pf.read_text())["bytes_done"])
+            if 0 < done < total:
+                return done
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint within 60 s")
+
+
+@pytest.mark.parametrize("resume", ["number", "auto"])
+def test_sigkill_mid_copy_then_resume(tmp_path: Path, resume: str) -> None:
+    src, dst, pf = tmp_path / "src", tmp_path / "dst", tmp_path / "progress.json"
+    total = 48 * MiB
+    src.write_bytes(os.urandom(total))
+    args = ["--src", str(src), "--dst", str(dst), "--progress-file", str(pf),
+            "--bwlimit", "16M", "--checkpoint-bytes", "4M"]
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for_checkpoint(pf, proc, total)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = int(json.loads(pf.read_text())["bytes_done"])
+    assert 0 < done < total
+    # what the checkpoint promises is on disk
+    assert dst.read_bytes()[:done] == src.read_bytes()[:done]
+    rest = ["--resume-from", str(done) if resume == "number" else "auto"]
+    p = run_cli(*[a for a in args if a not in ("--bwlimit", "16M")], *rest, "--verify")
+    assert p.returncode == 0, p.stderr
+    final = lines(p.stdout)[-1]
+    assert final["resumed_from"] == done and final["bytes_written"] == total - done
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_resume_auto_refuses_a_foreign_progress_file(tmp_path: Path) -> None:
+    src, dst, pf = tmp_path / "src", tmp_path / "dst", tmp_path / "progress.json"
+    src.write_bytes(os.urandom(MiB))
+    cli.write_progress_file(str(pf), {"src": "/elsewhere", "src_offset": 0, "dst": str(dst),
+                                      "dst_offset": 0, "length": MiB, "bytes_done": 4096})
+    p = run_cli("--src", str(src), "--dst", str(dst), "--progress-file", str(pf),
+                "--resume-from", "auto")
+    assert p.returncode == 1 and "another copy" in p.stderr
+    assert not dst.exists()
+
+
+def test_sigterm_stops_at_a_checkpoint(tmp_path: Path) -> None:
+    src, dst, pf = tmp_path / "src", tmp_path / "dst", tmp_path / "progress.json"
+    total = 48 * MiB
+    src.write_bytes(os.urandom(total))
+    proc = subprocess.Popen([*CLI, "--src", str(src), "--dst", str(dst), "--progress-file",
+                             str(pf), "--bwlimit", "16M", "--checkpoint-bytes", "4M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(pf, proc, total)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = lines(out)[-1]
+    assert last["event"] == "cancelled"
+    assert json.loads(pf.read_text())["bytes_done"] == last["bytes_done"] < total
