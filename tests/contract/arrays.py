@@ -22,7 +22,7 @@ from csi_virtvol.backends.filepool import FilePoolDriver
 from csi_virtvol.model.array import Ability
 from csi_virtvol.model.ids import LunId
 
-from conftest import make_pool
+from loopfs import make_pool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

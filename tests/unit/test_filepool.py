@@ -18,7 +18,7 @@ from csi_virtvol.backends.filepool import FilePoolDriver, parse_size, valid_lun_
 from csi_virtvol.model.array import Ability, ArraySpec, LunOrigin
 from csi_virtvol.model.ids import ArrayId, LunId
 
-from conftest import make_pool, unique_name
+from loopfs import make_pool, unique_name
 
 MiB = 2**20
 
