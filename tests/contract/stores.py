@@ -36,6 +36,26 @@ def sqlite_store(scratch: Path) -> Iterator[StateStore]:
         store.close()
 
 
+@contextlib.contextmanager
+def crd_store(scratch: Path) -> Iterator[StateStore]:
+    """The CRD store against the fake API server (tests/kube/fakeapi.py) serving the chart's CRDs."""
+    import sys
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here.parent / "kube"))
+    from fakeapi import FakeApiServer
+
+    from csi_virtvol.kube.crdstore import CrdStore, api_client
+
+    with FakeApiServer(crd_dir=here.parents[1] / "charts" / "csi-virtvol" / "crds") as api:
+        store = CrdStore(api_client(host=api.url))
+        try:
+            yield store
+        finally:
+            store.close()
+
+
 STORE_FACTORIES: list[tuple[str, StoreFactory]] = [
     ("sqlite", sqlite_store),
+    ("crd", crd_store),
 ]

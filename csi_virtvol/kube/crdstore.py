@@ -1,0 +1,577 @@
+"""The StateStore on Kubernetes custom resources (group virtvol.csi.example.org).
+
+One kind per table, one object per record, cluster-scoped:
+
+=========  ==============  ==========================================
+table      kind            spec / status
+=========  ==============  ==========================================
+arrays     StorageArray    kind, params*, labels, abilityOverrides*, topology /
+                           identity, probedAbilities, abilities, capacity
+luns       PhysicalVolume  array, id, size, address, origin / state, volume
+volumes    VirtualVolume   name, size, kind, extents, ... / state, role, ...
+pairs      VolumePair      source, targets / state, progress, methods, targets
+nodes      VirtvolNode     id, topology, maxVolumes, registeredAt / -
+=========  ==============  ==========================================
+
+(* kept as the administrator wrote them: an ArrayInfo record is the driver's
+view of a StorageArray the administrator may have created first.)
+
+How the StateStore contract maps onto the API:
+
+* The record key becomes ``metadata.name`` when it is a DNS-1123 subdomain,
+  else a sanitised prefix plus a hash of the key; the key itself is kept in
+  the annotation ``virtvol.csi.example.org/key``.
+* The Revision is ``metadata.resourceVersion``; a stale one is 409 from the
+  server and `errors.Conflict` here.
+* Spec and status are projections of the record for kubectl and for the
+  printer columns.  Status goes through the status subresource, so a write is
+  two requests (the object, then its status); the record as a whole is also
+  kept in the annotation ``virtvol.csi.example.org/record``, written by the
+  first request, so that a reader never sees half of a write.  The Revision a
+  write returns is the one after its last request.
+* Secondary indexes are labels ``idx.virtvol.csi.example.org/<index>``
+  (the value, or ``h-`` and a hash when it is not a valid label value); hits
+  are re-checked against the decoded record.
+* Volumes whose role is source or copy (in a live pair) carry the finalizer
+  ``virtvol.csi.example.org/pair``: deleting them outside the driver only
+  marks them; `delete` here removes the finalizer first.
+* Every write uses ``fieldValidation=Strict``: a body the CRD schema does not
+  describe fails instead of being pruned.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar, cast
+
+import kubernetes.client as k8s
+import kubernetes.watch as _k8s_watch
+import urllib3.exceptions
+
+from csi_virtvol import errors
+from csi_virtvol.model import codec
+from csi_virtvol.model.array import ArraySpec
+from csi_virtvol.model.ids import ArrayId, Revision
+from csi_virtvol.store.base import Change, Table, Versioned
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+k8s_watch: Any = _k8s_watch  # the client's watch and config modules are untyped
+
+logger = logging.getLogger(__name__)
+
+GROUP = "virtvol.csi.example.org"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KEY_ANNOTATION = f"{GROUP}/key"
+RECORD_ANNOTATION = f"{GROUP}/record"
+INDEX_LABEL_PREFIX = f"idx.{GROUP}/"
+MANAGED_BY = ("app.kubernetes.io/managed-by", "csi-virtvol")
+PAIR_FINALIZER = f"{GROUP}/pair"
+
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_PAGE = 500
+
+
+# ---------------------------------------------------------------- naming
+
+def object_name(key: str) -> str:
+    """A DNS-1123 subdomain for a record key: the key itself when it is one."""
+    if key and len(key) <= 253 and _DNS1123_SUBDOMAIN.match(key):
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = re.sub(r"[^a-z0-9.-]+", "-", key.lower())
+    base = re.sub(r"[-.]{2,}", "-", base).strip("-.")[:200].strip("-.")
+    return f"{base}-{digest}" if base else f"k-{digest}"
+
+
+def label_value(value: str) -> str:
+    """A valid label value standing for `value` (hashed when it is not one)."""
+    if len(value) <= 63 and _LABEL_VALUE.match(value):
+        return value
+    return "h-" + hashlib.sha256(value.encode()).hexdigest()[:40]
+
+
+# ---------------------------------------------------------------- projections
+
+def _abilities(names: list[str]) -> list[str]:
+    return [n.replace("_", "-") for n in names]
+
+
+def _array_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
+    spec: Obj = {"kind": rec["kind"], "params": dict(old_spec.get("params") or {}),
+                 "labels": rec["labels"], "abilityOverrides": dict(old_spec.get("abilityOverrides") or {}),
+                 "topology": rec["topology"]}
+    status: Obj = {"identity": rec["identity"], "probedAbilities": _abilities(rec["probed"]),
+                   "abilities": _abilities(rec["abilities"]), "capacityTotal": rec["capacity_total"],
+                   "capacityFree": rec["capacity_free"]}
+    return spec, status
+
+
+def _lun_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
+    return ({"array": rec["array"], "id": rec["id"], "size": rec["size"], "address": rec["address"],
+             "origin": rec["origin"]},
+            {"state": rec["state"], "volume": rec["volume"]})
+
+
+def _volume_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
+    spec: Obj = {"name": rec["name"], "size": rec["size"], "kind": rec["kind"],
+                 "extents": [{"array": e["array"], "lun": e["lun"], "offset": e["offset"], "length": e["length"]}
+                             for e in rec["extents"]],
+                 "address": rec["address"], "parameters": rec["parameters"],
+                 "mutableParameters": rec["mutable_parameters"], "contentSource": rec["content_source"],
+                 "sourceVolume": rec["source_volume"], "topology": rec["topology"]}
+    status: Obj = {"state": rec["state"], "role": rec["role"],
+                   "attachments": [{"node": a["node"], "readonly": a["readonly"]} for a in rec["attachments"]],
+                   "message": rec["message"]}
+    return spec, status
+
+
+_PAIR_RANK = {"failed": 0, "copying": 1, "resyncing": 2, "paired": 3, "split": 4}
+
+
+def _pair_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
+    targets = []
+    methods: list[str] = []
+    done = total = 0
+    for t in rec["targets"]:
+        t_total = sum(e["bytes_total"] for e in t["extents"])
+        t_done = sum(e["bytes_done"] for e in t["extents"])
+        total, done = total + t_total, done + t_done
+        for e in t["extents"]:
+            if e["method"] not in methods:
+                methods.append(e["method"])
+        targets.append({
+            "volume": t["volume"], "state": t["state"],
+            "extents": [{"index": e["index"], "method": e["method"], "state": e["state"],
+                         "bytesTotal": e["bytes_total"], "bytesDone": e["bytes_done"], "message": e["message"]}
+                        for e in t["extents"]],
+            "bytesTotal": t_total, "bytesDone": t_done, "startedAt": t["started_at"],
+            "endedAt": t["ended_at"], "reason": t["reason"]})
+    status: Obj = {"progress": progress(done, total), "methods": ",".join(methods), "targets": targets}
+    if rec["targets"]:
+        status["state"] = min((t["state"] for t in rec["targets"]), key=lambda s: _PAIR_RANK.get(s, 0))
+    return {"source": rec["source"], "targets": [t["volume"] for t in rec["targets"]]}, status
+
+
+def progress(done: int, total: int) -> str:
+    """Bytes done over bytes total as a percentage, floored to 0.1 ("42.5%")."""
+    if total <= 0:
+        return "100%"
+    pct = math.floor(min(done, total) * 1000 / total) / 10
+    return f"{pct:g}%"
+
+
+def _node_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
+    return ({"id": rec["id"], "topology": rec["topology"], "maxVolumes": rec["max_volumes"],
+             "registeredAt": rec["registered_at"]}, {})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Kind:
+    kind: str
+    plural: str
+    body: Callable[[Obj, Mapping[str, Any]], tuple[Obj, Obj]]  # record dict, old spec -> spec, status
+    finalizer: Callable[[Obj], bool] = lambda rec: False
+    adopt: bool = False   # an object without our record may be taken over by create()
+
+
+KINDS: dict[str, Kind] = {
+    "arrays": Kind(kind="StorageArray", plural="storagearrays", body=_array_body, adopt=True),
+    "luns": Kind(kind="PhysicalVolume", plural="physicalvolumes", body=_lun_body),
+    "volumes": Kind(kind="VirtualVolume", plural="virtualvolumes", body=_volume_body,
+                    finalizer=lambda rec: rec.get("role", "none") != "none"),
+    "pairs": Kind(kind="VolumePair", plural="volumepairs", body=_pair_body),
+    "nodes": Kind(kind="VirtvolNode", plural="virtvolnodes", body=_node_body),
+}
+
+
+# ---------------------------------------------------------------- errors
+
+def _wrap(e: Exception, what: str) -> errors.VirtvolError:
+    if isinstance(e, k8s.ApiException):
+        status = int(e.status or 0)
+        reason = _reason(e)
+        msg = f"{what}: {status} {reason}: {_message(e)}"
+        if status == 404:
+            return errors.NotFound(msg)
+        if status in (409, 410):
+            return errors.Conflict(msg)
+        if status in (400, 422):
+            return errors.InvalidRequest(msg)
+        if status in (401, 403):
+            return errors.BackendError(msg)
+        if status == 429 or status >= 500 or status == 0:
+            return errors.BackendUnavailable(msg)
+        return errors.BackendError(msg)
+    if isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
+        return errors.BackendUnavailable(f"{what}: API server unreachable: {e}")
+    return errors.BackendError(f"{what}: {e}")
+
+
+def _status_body(e: k8s.ApiException) -> Obj:
+    try:
+        body = json.loads(e.body or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _reason(e: k8s.ApiException) -> str:
+    return str(_status_body(e).get("reason") or e.reason or "")
+
+
+def _message(e: k8s.ApiException) -> str:
+    return str(_status_body(e).get("message") or e.body or "")
+
+
+# ---------------------------------------------------------------- the store
+
+class CrdStore:
+    """A StateStore on the custom resources of `api_client`'s cluster."""
+
+    def __init__(self, api_client: k8s.ApiClient, *, request_timeout: float = 30.0) -> None:
+        self._client: Any = api_client
+        self._api = k8s.CustomObjectsApi(api_client)
+        self._timeout = request_timeout
+
+    # -- helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _kind(table: Table[Any]) -> Kind:
+        try:
+            return KINDS[table.name]
+        except KeyError:
+            raise errors.InvalidRequest(f"the CRD store has no kind for table {table.name}") from None
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(GROUP, VERSION, *args, _request_timeout=self._timeout, **kw)
+        except (k8s.ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise _wrap(e, what) from e
+
+    def _read(self, kind: Kind, name: str) -> Obj | None:
+        try:
+            return cast(Obj, self._api.get_cluster_custom_object(
+                GROUP, VERSION, kind.plural, name, _request_timeout=self._timeout))
+        except k8s.ApiException as e:
+            if e.status == 404:
+                return None
+            raise _wrap(e, f"get {kind.plural}/{name}") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _wrap(e, f"get {kind.plural}/{name}") from e
+
+    def _list_all(self, kind: Kind, selector: str = "") -> list[Obj]:
+        items: list[Obj] = []
+        cont = ""
+        while True:
+            kw: dict[str, Any] = {"limit": _PAGE}
+            if selector:
+                kw["label_selector"] = selector
+            if cont:
+                kw["_continue"] = cont
+            page = self._call(f"list {kind.plural}", self._api.list_cluster_custom_object, kind.plural, **kw)
+            items += page.get("items") or []
+            cont = (page.get("metadata") or {}).get("continue") or ""
+            if not cont:
+                return items
+
+    @staticmethod
+    def _record_of(obj: Obj) -> tuple[str, str] | None:
+        """(key, record JSON) of an object this store wrote, None otherwise or once deleted."""
+        meta = obj.get("metadata") or {}
+        ann = meta.get("annotations") or {}
+        if RECORD_ANNOTATION not in ann or KEY_ANNOTATION not in ann:
+            return None
+        if meta.get("deletionTimestamp") and PAIR_FINALIZER not in (meta.get("finalizers") or []):
+            return None  # deleted by us (only foreign finalizers keep it): gone for the store
+        return str(ann[KEY_ANNOTATION]), str(ann[RECORD_ANNOTATION])
+
+    @staticmethod
+    def _versioned(table: Table[T], obj: Obj, record: str) -> Versioned[T]:
+        value = codec.from_dict(table.type, json.loads(record))
+        return Versioned(value=value, revision=Revision(str(obj["metadata"]["resourceVersion"])))
+
+    def _build(self, table: Table[T], kind: Kind, record: T, old: Obj | None) -> tuple[Obj, Obj]:
+        """(object body without status, status) for writing `record` over `old`."""
+        key = table.key(record)
+        rec = codec.to_dict(record)
+        old_meta = (old or {}).get("metadata") or {}
+        spec, status = kind.body(rec, (old or {}).get("spec") or {})
+        labels = {k: v for k, v in (old_meta.get("labels") or {}).items() if not k.startswith(INDEX_LABEL_PREFIX)}
+        labels[MANAGED_BY[0]] = MANAGED_BY[1]
+        for index, func in table.indexes.items():
+            labels[INDEX_LABEL_PREFIX + index] = label_value(func(record))
+        annotations = dict(old_meta.get("annotations") or {})
+        annotations[KEY_ANNOTATION] = key
+        annotations[RECORD_ANNOTATION] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+        finalizers = [f for f in (old_meta.get("finalizers") or []) if f != PAIR_FINALIZER]
+        if kind.finalizer(rec) and not old_meta.get("deletionTimestamp"):
+            finalizers.append(PAIR_FINALIZER)
+        elif kind.finalizer(rec) and PAIR_FINALIZER in (old_meta.get("finalizers") or []):
+            finalizers.append(PAIR_FINALIZER)
+        meta: Obj = {"name": object_name(key), "labels": labels, "annotations": annotations}
+        if finalizers:
+            meta["finalizers"] = finalizers
+        if old is not None:
+            meta["resourceVersion"] = old_meta["resourceVersion"]
+        old_status = dict((old or {}).get("status") or {})
+        # keep status fields others maintain (conditions, the LUN inventory)
+        merged_status = {k: v for k, v in old_status.items() if k not in status and k != "observedGeneration"}
+        merged_status.update(status)
+        body = {"apiVersion": API_VERSION, "kind": kind.kind, "metadata": meta, "spec": spec}
+        return body, merged_status
+
+    def _write(self, kind: Kind, body: Obj, status: Obj, *, create: bool) -> Revision:
+        name = body["metadata"]["name"]
+        if create:
+            obj = self._call(f"create {kind.plural}/{name}", self._api.create_cluster_custom_object,
+                             kind.plural, body, field_validation="Strict")
+        else:
+            obj = self._call(f"update {kind.plural}/{name}", self._api.replace_cluster_custom_object,
+                             kind.plural, name, body, field_validation="Strict")
+        status = dict(status, observedGeneration=obj["metadata"].get("generation", 1))
+        if obj.get("status") == status:
+            return Revision(str(obj["metadata"]["resourceVersion"]))
+        obj["status"] = status
+        try:
+            obj = self._call(f"update {kind.plural}/{name}/status",
+                             self._api.replace_cluster_custom_object_status, kind.plural, name, obj,
+                             field_validation="Strict")
+        except (errors.Conflict, errors.NotFound):
+            # Another writer (or a deleter) came in between: the record in the
+            # annotation is written; the status is theirs to project.  The
+            # revision we return is already stale, as it should be.
+            logger.info("status of %s/%s changed underneath; leaving it to the newer write", kind.plural, name)
+        return Revision(str(obj["metadata"]["resourceVersion"]))
+
+    def _current(self, table: Table[Any], kind: Kind, key: str) -> Obj | None:
+        obj = self._read(kind, object_name(key))
+        if obj is None:
+            return None
+        ann = (obj.get("metadata") or {}).get("annotations") or {}
+        if ann.get(KEY_ANNOTATION, key) != key:
+            raise errors.BackendError(f"{kind.plural}/{object_name(key)} holds key {ann[KEY_ANNOTATION]!r}, "
+                                      f"not {key!r} (name hash collision)")
+        return obj
+
+    # -- StateStore: reads ---------------------------------------------------------
+
+    def get(self, table: Table[T], key: str) -> Versioned[T] | None:
+        kind = self._kind(table)
+        obj = self._current(table, kind, key)
+        rec = None if obj is None else self._record_of(obj)
+        if obj is None or rec is None:
+            return None
+        return self._versioned(table, obj, rec[1])
+
+    def find(self, table: Table[T], *, index: str, value: str) -> list[Versioned[T]]:
+        func = table.indexes.get(index)
+        if func is None:
+            raise errors.InvalidRequest(f"table {table.name} has no index {index!r}")
+        kind = self._kind(table)
+        found = self._decode_all(table, self._list_all(kind, f"{INDEX_LABEL_PREFIX}{index}={label_value(value)}"))
+        return [v for _, v in found if func(v.value) == value]
+
+    def list(self, table: Table[T], *, after: str = "", limit: int = 0) -> list[Versioned[T]]:
+        if limit < 0:
+            raise errors.InvalidRequest(f"limit must not be negative: {limit}")
+        found = [(k, v) for k, v in self._decode_all(table, self._list_all(self._kind(table))) if k > after]
+        out = [v for _, v in found]
+        return out[:limit] if limit else out
+
+    def _decode_all(self, table: Table[T],
+                    items: builtins.list[Obj]) -> builtins.list[tuple[str, Versioned[T]]]:
+        out = []
+        for obj in items:
+            rec = self._record_of(obj)
+            if rec is not None:
+                out.append((rec[0], self._versioned(table, obj, rec[1])))
+        out.sort(key=lambda kv: kv[0])
+        return out
+
+    # -- StateStore: writes -----------------------------------------------------
+
+    def create(self, table: Table[T], record: T) -> Revision:
+        kind = self._kind(table)
+        key = table.key(record)
+        old = None
+        if kind.adopt:
+            old = self._current(table, kind, key)
+            if old is not None and (self._record_of(old) is not None or (old.get("metadata") or {}).get(
+                    "deletionTimestamp")):
+                raise errors.Conflict(f"{table.name}/{key} already exists")
+        body, status = self._build(table, kind, record, old)
+        try:
+            return self._write(kind, body, status, create=old is None)
+        except errors.Conflict as e:
+            raise errors.Conflict(f"{table.name}/{key} already exists") from e
+
+    def update(self, table: Table[T], record: T, *, revision: Revision) -> Revision:
+        kind = self._kind(table)
+        key = table.key(record)
+        old = self._current(table, kind, key)
+        if old is None or self._record_of(old) is None:
+            raise errors.NotFound(f"{table.name}/{key} does not exist")
+        if old["metadata"]["resourceVersion"] != revision:
+            raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale "
+                                  f"(now {old['metadata']['resourceVersion']})")
+        body, status = self._build(table, kind, record, old)
+        return self._write(kind, body, status, create=False)
+
+    def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
+        kind = self._kind(table)
+        name = object_name(key)
+        obj = self._current(table, kind, key)
+        if obj is None or self._record_of(obj) is None:
+            return
+        rv = str(obj["metadata"]["resourceVersion"])
+        if revision is not None and revision != rv:
+            raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {rv})")
+        finalizers = obj["metadata"].get("finalizers") or []
+        if PAIR_FINALIZER in finalizers:
+            obj["metadata"]["finalizers"] = [f for f in finalizers if f != PAIR_FINALIZER]
+            try:
+                obj = self._call(f"update {kind.plural}/{name}", self._api.replace_cluster_custom_object,
+                                 kind.plural, name, obj, field_validation="Strict")
+            except errors.NotFound:
+                return
+            if obj["metadata"].get("deletionTimestamp"):
+                return  # the finalizer was all that kept it
+            rv = str(obj["metadata"]["resourceVersion"])
+        options = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=rv))
+        try:
+            self._api.delete_cluster_custom_object(GROUP, VERSION, kind.plural, name, body=options,
+                                                   _request_timeout=self._timeout)
+        except k8s.ApiException as e:
+            if e.status == 404:
+                return
+            raise _wrap(e, f"delete {kind.plural}/{name}") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _wrap(e, f"delete {kind.plural}/{name}") from e
+
+    # -- StateStore: watch ---------------------------------------------------------
+
+    def watch(self, table: Table[T], *, timeout: float) -> Iterator[Change[T]]:
+        """Changes after this call, until `timeout` seconds pass.
+
+        The starting resourceVersion is taken now (a list), not at the first
+        `next()`.  Each store write is reported once, when it is complete
+        (its status written); raises Conflict while iterating if the server
+        no longer has the history to resume from (410): list again.
+        """
+        kind = self._kind(table)
+        deadline = time.monotonic() + timeout
+        page = self._call(f"list {kind.plural}", self._api.list_cluster_custom_object, kind.plural)
+        known: dict[str, str] = {}
+        for obj in page.get("items") or []:
+            rec = self._record_of(obj)
+            if rec is not None:
+                known[rec[0]] = rec[1]
+        start = str((page.get("metadata") or {}).get("resourceVersion") or "")
+        return self._watch(table, kind, start, known, deadline)
+
+    def _watch(self, table: Table[T], kind: Kind, rv: str, known: dict[str, str],
+               deadline: float) -> Iterator[Change[T]]:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            w = k8s_watch.Watch()
+            stream = w.stream(self._api.list_cluster_custom_object, GROUP, VERSION, kind.plural,
+                              resource_version=rv, timeout_seconds=max(1, math.ceil(left)),
+                              _request_timeout=(self._timeout, left))
+            try:
+                with contextlib.closing(stream):
+                    for event in stream:
+                        obj = event.get("raw_object") or {}
+                        rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+                        change = self._change(table, kind, str(event.get("type")), obj, known)
+                        if change is not None:
+                            yield change
+                        if time.monotonic() >= deadline:
+                            return
+            except k8s.ApiException as e:
+                raise _wrap(e, f"watch {kind.plural}") from e
+            except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
+                pass  # the read timeout is our deadline
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                raise _wrap(e, f"watch {kind.plural}") from e
+            finally:
+                w.stop()
+
+    def _change(self, table: Table[T], kind: Kind, type_: str, obj: Obj,
+                known: dict[str, str]) -> Change[T] | None:
+        meta = obj.get("metadata") or {}
+        ann = meta.get("annotations") or {}
+        key = ann.get(KEY_ANNOTATION)
+        if key is None:
+            return None
+        rv = Revision(str(meta.get("resourceVersion")))
+        rec = self._record_of(obj) if type_ != "DELETED" else None
+        if rec is None:
+            if known.pop(key, None) is None:
+                return None
+            return Change(kind="delete", key=key, value=None, revision=rv)
+        # Report a write once it is complete: the status projects this record.
+        spec, status = kind.body(json.loads(rec[1]), obj.get("spec") or {})
+        have = obj.get("status") or {}
+        if have.get("observedGeneration") != meta.get("generation") or any(
+                have.get(k) != v for k, v in status.items()):
+            return None
+        if known.get(key) == rec[1]:
+            return None
+        known[key] = rec[1]
+        return Change(kind="put", key=key, value=codec.from_dict(table.type, json.loads(rec[1])), revision=rv)
+
+    # -- extras --------------------------------------------------------------------
+
+    def array_specs(self) -> builtins.list[ArraySpec]:
+        """Every StorageArray as the administrator described it (its spec)."""
+        out = []
+        for obj in self._list_all(KINDS["arrays"]):
+            spec = obj.get("spec") or {}
+            out.append(ArraySpec(
+                id=ArrayId(str(((obj.get("metadata") or {}).get("annotations") or {}).get(
+                    KEY_ANNOTATION, obj["metadata"]["name"]))),
+                kind=str(spec.get("kind", "")), params=dict(spec.get("params") or {}),
+                labels=dict(spec.get("labels") or {}),
+                ability_overrides=dict(spec.get("abilityOverrides") or {}),
+                topology=dict(spec.get("topology") or {})))
+        return sorted(out, key=lambda s: s.id)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def api_client(*, kubeconfig: str | None = None, context: str | None = None,
+               host: str | None = None) -> k8s.ApiClient:
+    """An ApiClient: `host` (no auth, tests), a kubeconfig, or the pod's service account."""
+    import kubernetes.config as _k8s_config
+
+    k8s_config: Any = _k8s_config
+
+    if host is not None:
+        cfg = k8s.Configuration(host=host)
+        return k8s.ApiClient(cfg)
+    try:
+        if kubeconfig is None:
+            try:
+                k8s_config.load_incluster_config()
+                return k8s.ApiClient()
+            except k8s_config.ConfigException:
+                pass
+        cfg = k8s.Configuration()
+        k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+        return k8s.ApiClient(cfg)
+    except (k8s_config.ConfigException, OSError) as e:
+        raise errors.InvalidRequest(f"no Kubernetes configuration: {e}") from e
