@@ -245,6 +245,7 @@ def place_targets(
     free: Mapping[ArrayId, int] | None = None,
     lun_sizes: Mapping[str, int] | None = None,
     limits: Mapping[ArrayId, CopyLimits] | None = None,
+    min_clone_fill: float = 0.0,
 ) -> Placement:
     """Decide on which arrays a copy of `source` goes.
 
@@ -258,7 +259,11 @@ def place_targets(
     then the source's own array, then the array with the most free space; an
     extent larger than any array's room is split.  Adjacent PROVISION slots
     on one array that gain nothing from remote copy are merged into one LUN.
-    Raises errors.CapacityExceeded when the allowed arrays lack room.
+    A clone copies the *whole* source LUN; when the source uses less than
+    `min_clone_fill` of a LUN (by `lun_sizes`; unknown sizes pass) its
+    extents are provisioned and copied instead, so a clone does not pin a
+    mostly foreign LUN.  Raises errors.CapacityExceeded when the allowed
+    arrays lack room.
     """
     allowed = list(dict.fromkeys(requested)) if requested is not None else list(abilities)
     if not allowed:
@@ -268,11 +273,21 @@ def place_targets(
     room: dict[ArrayId, int | None] = {
         a: (free.get(a, 0) if free is not None else None) for a in allowed}
     _check_extents(source)
+    used: dict[str, int] = {}
+    for e in source.extents:
+        k = lun_key(e.array, e.lun)
+        used[k] = used.get(k, 0) + e.length
+
+    def fill_ok(e: Extent) -> bool:
+        k = lun_key(e.array, e.lun)
+        total = lun_sizes.get(k)
+        return total is None or total <= 0 or used[k] >= min_clone_fill * total
+
     slots: list[Slot] = []
     pos = 0
     for e in source.extents:
         s_ab = abilities.get(e.array, Ability.NONE)
-        if e.array in room and Ability.INTERNAL_COPY in s_ab:
+        if e.array in room and Ability.INTERNAL_COPY in s_ab and fill_ok(e):
             slots.append(Slot(kind=SlotKind.CLONE, offset=pos, length=e.length, array=e.array,
                               source_lun=e.lun, lun_offset=e.offset))
             pos += e.length

@@ -258,6 +258,14 @@ PLACE_CASES: list[tuple[str, dict[str, object], list[SlotRow], Mapping[str, int]
         {"b": 70, "c": 30},
     ),
     (
+        "min_clone_fill: a LUN mostly not ours is copied, a full one is cloned",
+        dict(source=vol("s", ext("a", "L1", 0, 10), ext("a", "L2", 0, 80), ext("a", "L2", 90, 10)),
+             abilities={A: IC}, lun_sizes={"a:L1": 1000, "a:L2": 100}, min_clone_fill=0.5),
+        [(PR, 0, 10, "a", None, 0, False), (CL, 10, 80, "a", "L2", 0, False),
+         (CL, 90, 10, "a", "L2", 90, False)],
+        {"a": 10},
+    ),
+    (
         "mixed: clone, then provisioned pieces",
         dict(source=vol("s", ext("a", "L1", 0, 100), ext("c", "L3", 0, 40)),
              abilities={A: IC, C: NONE}, free={A: 1000, C: 1000}),
