@@ -1,0 +1,62 @@
+"""Fixtures for the Kubernetes packaging tests: helm and kubectl from
+scripts/k8s-tools (installed once per machine, then offline), the chart
+rendered with helm, and the CRDs."""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from k8s_helpers import CHART, NAMESPACE, RELEASE, ROOT, Doc, load_docs
+
+
+@pytest.fixture(scope="session")
+def k8s_bin() -> Path:
+    out = subprocess.run([str(ROOT / "scripts" / "k8s-tools")], check=True,
+                         capture_output=True, text=True, timeout=600)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def helm(k8s_bin: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run([str(k8s_bin / "helm"), *args], capture_output=True, text=True, timeout=120)
+        if check and p.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
+        return p
+    return run
+
+
+@pytest.fixture(scope="session")
+def render(helm: Callable[..., subprocess.CompletedProcess[str]]) -> Callable[..., str]:
+    """helm template of the chart with --set/--values options, CRDs included."""
+    def run(*opts: str) -> str:
+        return helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds",
+                    *opts).stdout
+    return run
+
+
+@pytest.fixture(scope="session")
+def default_docs(render: Callable[..., str]) -> list[Doc]:
+    return load_docs(render())
+
+
+@pytest.fixture(scope="session")
+def crds() -> dict[str, Doc]:
+    """Our CRDs by kind."""
+    out = {}
+    for p in sorted((CHART / "crds").glob("*.yaml")):
+        for d in load_docs(p.read_text()):
+            out[d["spec"]["names"]["kind"]] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def all_crds(crds: dict[str, Doc]) -> dict[tuple[str, str], Doc]:
+    """Ours plus the snapshot CRDs the chart and examples use, by (group, kind)."""
+    out = {(d["spec"]["group"], k): d for k, d in crds.items()}
+    for d in load_docs((Path(__file__).parent / "snapshot-crds.yaml").read_text()):
+        out[(d["spec"]["group"], d["spec"]["names"]["kind"])] = d
+    return out
