@@ -1,0 +1,62 @@
+"""How a volume's extents become one block device: the interface and the choice.
+
+Two compositions implement it: concat.FuseComposer (a userspace concatenation daemon and
+a loop device on its file; for hosts without device-mapper) and dm.DmComposer
+(device-mapper linear over loop devices).  Each keeps what it needs to find its pieces
+again in the `workdir` it is given, so it can be torn down after the plugin restarts.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from csi_virtvol import errors
+from csi_virtvol.node.layout import BackingExtent
+
+Kind = Literal["auto", "fuse", "dm"]
+
+DM_CONTROL = "/dev/mapper/control"
+
+
+class Composer(Protocol):
+    kind: str
+
+    def assemble(
+        self, *, workdir: str, name: str, extents: Sequence[BackingExtent], readonly: bool
+    ) -> str:
+        """The block device for the extents; idempotent.  Extents that extend what is
+        already assembled grow it online (see grow)."""
+        ...
+
+    def grow(self, *, workdir: str, name: str, extents: Sequence[BackingExtent]) -> str:
+        """Grow an assembled device to `extents` (its old extents plus more) online."""
+        ...
+
+    def teardown(self, *, workdir: str, name: str) -> None:
+        """Remove the device and everything under it; what is already gone is fine."""
+        ...
+
+    def device(self, *, workdir: str, name: str) -> str | None:
+        """The assembled device, or None."""
+        ...
+
+    def problem(self, *, workdir: str, name: str) -> str | None:
+        """Why the assembled device is unhealthy, or None when it is fine."""
+        ...
+
+
+def resolve_kind(kind: Kind = "auto") -> Literal["fuse", "dm"]:
+    if kind == "auto":
+        return "dm" if os.path.exists(DM_CONTROL) else "fuse"
+    if kind not in ("fuse", "dm"):
+        raise errors.InvalidRequest(f"unknown composer {kind!r}")
+    return kind
+
+
+def make(kind: Kind = "auto") -> Composer:
+    from csi_virtvol.node import concat, dm
+
+    if resolve_kind(kind) == "dm":
+        return dm.DmComposer()
+    return concat.FuseComposer()
