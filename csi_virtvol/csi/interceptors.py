@@ -65,9 +65,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 log.log(level, "%s rid=%s -> %s: %s (%.0f ms)", method, rid, code.name, e,
                         (time.monotonic() - start) * 1000)
                 context.abort(code, str(e))
+            except NotImplementedError:
+                # the generated base servicer: an RPC this plugin does not offer
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this plugin")
             except Exception as e:
-                if isinstance(e, grpc.RpcError) or type(e).__name__ == "_AbortedError":
-                    raise
                 log.exception("%s rid=%s -> INTERNAL (%.0f ms)", method, rid, (time.monotonic() - start) * 1000)
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
             if not method.endswith("/Probe"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,20 @@ def block_cap(mode: int = pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER) -> 
     return cap
 
 
+def _teardown_node(state_dir: str, workdir: Path) -> None:
+    """Whatever a failed test left staged or mounted under its directory goes away."""
+    from csi_virtvol.node.stager import Stager
+
+    if os.path.isdir(state_dir):
+        stager = Stager(state_dir)
+        for rec in stager.list():
+            stager.unstage(rec.volume_id, rec.staging_path)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for m in sorted((m for m in mounts if m.startswith(str(workdir) + "/")), reverse=True):
+        subprocess.run(["umount", "-l", m], check=False)
+
+
 def unique(prefix: str = "vol") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
@@ -108,5 +123,6 @@ def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str
         t.join(timeout=30)
         if os.path.exists(sock):
             os.unlink(sock)
+        _teardown_node(config.node_state_dir, workdir)
     if errors:
         raise errors[0]

@@ -612,6 +612,10 @@ class FakeApiServer:
                           "consist of lower case alphanumeric characters, '-' or '.'")
         elif res.plural == "jobs" and len(name) > 63:
             causes.append(f"metadata.name: Invalid value: {name!r}: must be no more than 63 characters")
+        ns = meta.get("namespace")
+        if res.namespaced and (not isinstance(ns, str) or len(ns) > 63 or not _DNS1123_LABEL.match(ns)):
+            causes.append(f"metadata.namespace: Invalid value: {ns!r}: a lowercase RFC 1123 label must consist "
+                          "of lower case alphanumeric characters or '-'")
         for k, v in (meta.get("labels") or {}).items():
             if not _valid_label_key(k):
                 causes.append(f"metadata.labels: Invalid value: {k!r}: name part must consist of "

@@ -20,9 +20,19 @@ def node_root(tmp_path: Path) -> Iterator[Path]:
     cleanup_under(tmp_path)
 
 
+COMPOSER = os.environ.get("VIRTVOL_TEST_COMPOSER", "fuse")  # test_vm.py sets "dm"
+
+
 @pytest.fixture
 def stager(node_root: Path) -> Stager:
-    return Stager(str(node_root / "state"), composer="fuse")
+    assert COMPOSER in ("fuse", "dm")
+    return Stager(str(node_root / "state"), composer=COMPOSER)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fuse_only() -> None:
+    if COMPOSER != "fuse":
+        pytest.skip("about the userspace concatenation daemon only")
 
 
 @pytest.fixture
