@@ -197,7 +197,7 @@ KINDS: dict[str, Kind] = {
 
 # ---------------------------------------------------------------- errors
 
-def _wrap(e: Exception, what: str) -> errors.VirtvolError:
+def wrap_api_error(e: Exception, what: str) -> errors.VirtvolError:
     if isinstance(e, k8s.ApiException):
         status = int(e.status or 0)
         reason = _reason(e)
@@ -257,7 +257,7 @@ class CrdStore:
         try:
             return fn(GROUP, VERSION, *args, _request_timeout=self._timeout, **kw)
         except (k8s.ApiException, urllib3.exceptions.HTTPError, OSError) as e:
-            raise _wrap(e, what) from e
+            raise wrap_api_error(e, what) from e
 
     def _read(self, kind: Kind, name: str) -> Obj | None:
         try:
@@ -266,9 +266,9 @@ class CrdStore:
         except k8s.ApiException as e:
             if e.status == 404:
                 return None
-            raise _wrap(e, f"get {kind.plural}/{name}") from e
+            raise wrap_api_error(e, f"get {kind.plural}/{name}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise _wrap(e, f"get {kind.plural}/{name}") from e
+            raise wrap_api_error(e, f"get {kind.plural}/{name}") from e
 
     def _list_all(self, kind: Kind, selector: str = "") -> list[Obj]:
         items: list[Obj] = []
@@ -455,9 +455,9 @@ class CrdStore:
         except k8s.ApiException as e:
             if e.status == 404:
                 return
-            raise _wrap(e, f"delete {kind.plural}/{name}") from e
+            raise wrap_api_error(e, f"delete {kind.plural}/{name}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise _wrap(e, f"delete {kind.plural}/{name}") from e
+            raise wrap_api_error(e, f"delete {kind.plural}/{name}") from e
 
     # -- StateStore: watch ---------------------------------------------------------
 
@@ -501,11 +501,11 @@ class CrdStore:
                         if time.monotonic() >= deadline:
                             return
             except k8s.ApiException as e:
-                raise _wrap(e, f"watch {kind.plural}") from e
+                raise wrap_api_error(e, f"watch {kind.plural}") from e
             except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
                 pass  # the read timeout is our deadline
             except (urllib3.exceptions.HTTPError, OSError) as e:
-                raise _wrap(e, f"watch {kind.plural}") from e
+                raise wrap_api_error(e, f"watch {kind.plural}") from e
             finally:
                 w.stop()
 
