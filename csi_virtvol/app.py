@@ -27,7 +27,7 @@ def open_store(config: Config) -> StateStore:
     if config.store == "crd":
         from csi_virtvol.kube import crdstore
 
-        return crdstore.from_environment()  # type: ignore[no-any-return]
+        return crdstore.CrdStore(crdstore.api_client())
     raise errors.InvalidRequest(f"unknown store {config.store!r}: use sqlite or crd")
 
 

@@ -90,7 +90,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     server = threading.Thread(target=app.serve, args=(config,), kwargs={"stop": stop}, daemon=True)
     server.start()
     cl = C.Client(endpoint)
-    step = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
+
+    def step(text: str) -> None:
+        print(f"\n== {text}", flush=True)
+
     try:
         cl.wait_ready()
         step("plugin")
@@ -118,8 +121,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 fh.write(payload)
                 fh.flush()
                 os.fsync(fh.fileno())
-            with open(f"{target}/data.bin", "rb") as fh:
-                same = fh.read() == payload
+            with open(f"{target}/data.bin", "rb") as rh:
+                same = rh.read() == payload
             print(f"wrote 64 MiB across the extent boundary; read back identical: {same}")
             step("expand online to 160 MiB")
             cl.call(cl.controller.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(

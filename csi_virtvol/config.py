@@ -140,7 +140,7 @@ def load_config(*, endpoint: str, data_dir: str, node_id: str, mode: str = "all"
         m = Mode(mode)
     except ValueError as e:
         raise errors.InvalidRequest(f"--mode must be one of all, controller, node, not {mode!r}") from e
-    topo = {TOPOLOGY_NODE_KEY: nid}
+    topo: dict[str, str] = {TOPOLOGY_NODE_KEY: nid}
     topo.update({str(k): str(v) for k, v in (doc.get("nodeTopology") or {}).items()})
     return Config(
         endpoint=endpoint, data_dir=data_dir, node_id=nid, mode=m,

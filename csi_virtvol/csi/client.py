@@ -38,7 +38,7 @@ class Client:
         try:
             response = method(request, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise errors.BackendError(f"{e.code().name}: {e.details()}") from e  # type: ignore[attr-defined]
+            raise errors.BackendError(f"{e.code().name}: {e.details()}") from e
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     def wait_ready(self, timeout: float = 30.0) -> None:

@@ -84,7 +84,7 @@ class ControllerServicer(rpc.ControllerServicer):  # type: ignore[misc]
             parameters=request.parameters, mutable_parameters=request.mutable_parameters))
 
     def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext) -> pb.ListVolumesResponse:
-        page = self._volumes.list(after=request.starting_token, limit=request.max_entries)
+        page = self._volumes.page(after=request.starting_token, limit=request.max_entries)
         return pb.ListVolumesResponse(next_token=page.next_token, entries=[
             pb.ListVolumesResponse.Entry(volume=C.volume(v), status=self._list_status(v)) for v in page.volumes])
 

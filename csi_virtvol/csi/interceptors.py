@@ -32,7 +32,7 @@ def sanitize(msg: Message) -> str:
 
 def _strip(msg: Message) -> None:
     for fd, value in list(msg.ListFields()):
-        if fd.GetOptions().Extensions[pb.csi_secret]:
+        if fd.GetOptions().Extensions[pb.csi_secret]:  # type: ignore[index]
             msg.ClearField(fd.name)
             continue
         if fd.type != fd.TYPE_MESSAGE or fd.message_type.GetOptions().map_entry:
@@ -44,7 +44,7 @@ def _strip(msg: Message) -> None:
             _strip(value)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:

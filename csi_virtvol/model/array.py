@@ -25,10 +25,10 @@ class Ability(enum.Flag):
         return out
 
     def names(self) -> list[str]:
-        return [a.name.lower().replace("_", "-") for a in Ability if a.name and a in self and a.value]
+        return [str(a.name).lower().replace("_", "-") for a in Ability if a.name and a in self and a.value]
 
 
-ABILITY_NAMES = tuple(a.name.lower().replace("_", "-") for a in Ability if a.value)
+ABILITY_NAMES = tuple(str(a.name).lower().replace("_", "-") for a in Ability if a.value)
 
 
 class LunState(enum.Enum):

@@ -71,7 +71,7 @@ class NodeService:
                 extents = [BackingExtent(path=p, offset=o, length=n) for p, o, n in given]
             else:
                 extents = self._backing(self._volume(volume_id))
-            access = "block" if capability.access_type is AccessType.BLOCK else "mount"
+            access: node_stager.Access = "block" if capability.access_type is AccessType.BLOCK else "mount"
             self._stager.stage(volume_id, extents, staging_path, access=access,
                                fs_type=capability.fs_type or "ext4", mount_flags=list(capability.mount_flags),
                                readonly=capability.access_mode.read_only, mount_group=capability.mount_group)
@@ -86,7 +86,7 @@ class NodeService:
         if reason:
             raise errors.UnsupportedCapability(reason)
         with self._locks.hold(volume_id):
-            access = "block" if capability.access_type is AccessType.BLOCK else "mount"
+            access: node_stager.Access = "block" if capability.access_type is AccessType.BLOCK else "mount"
             self._stager.publish(volume_id, staging_path, target_path, access=access,
                                  readonly=readonly or capability.access_mode.read_only,
                                  mount_flags=capability.mount_flags, mount_group=capability.mount_group)

@@ -22,7 +22,7 @@ from csi_virtvol.model.allocation import (ALIGN, Candidate, Layout, LunNamer, Pl
                                           choose_size, plan_extents)
 from csi_virtvol.model.array import Ability, ArrayInfo, Lun, LunOrigin, LunState
 from csi_virtvol.model.capability import Capability, unsupported_reason
-from csi_virtvol.model.ids import ArrayId, LunId, VolumeId
+from csi_virtvol.model.ids import ArrayId, LunId, Revision, VolumeId
 from csi_virtvol.model.volume import Extent, VirtualVolume, VolumeKind, VolumeState, volume_address
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import OWNED_PREFIXES, ArrayPool, TopologyFilter
@@ -86,7 +86,7 @@ class VolumeService:
             raise errors.NotFound(f"{kind.value} {volume_id} does not exist")
         return rec.value
 
-    def list(self, *, after: str = "", limit: int = 0, kind: VolumeKind = VolumeKind.VOLUME) -> Page:
+    def page(self, *, after: str = "", limit: int = 0, kind: VolumeKind = VolumeKind.VOLUME) -> Page:
         """Stable pagination: the token is the last id returned."""
         if limit < 0:
             raise errors.InvalidRequest(f"max_entries must not be negative: {limit}")
@@ -240,7 +240,7 @@ class VolumeService:
         assert last is not None
         raise last
 
-    def _provision(self, vol: VirtualVolume, rev: S.Revision) -> VirtualVolume:
+    def _provision(self, vol: VirtualVolume, rev: Revision) -> VirtualVolume:
         """Make every planned LUN exist and be ours; then mark the volume available."""
         made: list[Extent] = []
         try:
@@ -313,7 +313,7 @@ class VolumeService:
                 raise errors.PreconditionFailed(f"volume {volume_id} is still published to {nodes}")
             self._destroy(vol, rec.revision)
 
-    def _destroy(self, vol: VirtualVolume, rev: S.Revision) -> None:
+    def _destroy(self, vol: VirtualVolume, rev: Revision) -> None:
         if vol.state is not VolumeState.DELETING:
             vol = dataclasses.replace(vol, state=VolumeState.DELETING)
             rev = self._store.update(S.VOLUMES, vol, revision=rev)
@@ -418,10 +418,10 @@ class VolumeService:
                     log.warning("array %s: LUN %s belongs to no volume; deleting it", aid, lun.id)
                     self._arrays.driver(aid).delete_lun(lun_id=lun.id)
                     self._store.delete(S.LUNS, f"{aid}:{lun.id}")
-        for rec in self._store.list(S.LUNS):
-            lun = rec.value
+        for lrec in self._store.list(S.LUNS):
+            lun = lrec.value
             if lun.origin is LunOrigin.PROVISIONED and (lun.array, lun.id) not in owned:
-                self._store.delete(S.LUNS, rec.value.key)
+                self._store.delete(S.LUNS, lun.key)
 
 
 def _extents(planned: Sequence[PlannedExtent]) -> tuple[Extent, ...]:
