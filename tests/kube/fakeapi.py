@@ -989,6 +989,9 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
 
         def _send_json(self, code: int, obj: Any, warnings: list[str] | None = None) -> None:
             data = json.dumps(obj).encode()
+            if warnings:
+                with api._lock:
+                    api.warnings.extend(warnings)
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -996,9 +999,6 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
                 self.send_header("Warning", f'299 - "{w}"')
             self.end_headers()
             self.wfile.write(data)
-            if warnings:
-                with api._lock:
-                    api.warnings.extend(warnings)
 
         def _body(self) -> Any:
             n = int(self.headers.get("Content-Length") or 0)

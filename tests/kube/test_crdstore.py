@@ -1,0 +1,103 @@
+"""CrdStore details the shared contract does not see: what kubectl shows, names,
+finalizers, and taking over a StorageArray the administrator created."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client as k8s
+import pytest
+
+from csi_virtvol import errors
+from csi_virtvol.kube.crdstore import (
+    GROUP, KEY_ANNOTATION, PAIR_FINALIZER, VERSION, CrdStore, label_value, object_name, progress,
+)
+from csi_virtvol.model.volume import CopyRole, VolumeState
+from csi_virtvol.store.base import ARRAYS, LUNS, PAIRS, VOLUMES
+
+from fakeapi import FakeApiServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
+from test_store_contract import array, lun, pair, volume  # noqa: E402  (the contract's realistic records)
+
+
+@pytest.fixture
+def store(client: Any) -> CrdStore:
+    return CrdStore(client)
+
+
+def test_what_kubectl_shows(fake_api: FakeApiServer, store: CrdStore) -> None:
+    store.create(VOLUMES, volume("v1"))
+    store.create(PAIRS, pair("p1", source="v1"))
+    store.create(LUNS, lun("gold", "l1", volume="v1"))
+    store.create(ARRAYS, array("gold"))
+    vp = fake_api.find(GROUP, "volumepairs", "p1")
+    assert vp is not None
+    assert vp["spec"] == {"source": "v1", "targets": ["p1-t1", "p1-t2"]}
+    st = vp["status"]
+    assert (st["state"], st["methods"]) == ("failed", "internal,host,remote")
+    assert st["progress"] == progress((1 << 30) + 12345, 4 << 30) == "25%"
+    assert st["targets"][0]["bytesDone"] == (1 << 30) + 12345 and st["targets"][1]["reason"] == "link down"
+    vv = fake_api.find(GROUP, "virtualvolumes", "v1")
+    assert vv is not None
+    assert [e["array"] for e in vv["spec"]["extents"]] == ["gold", "silver"]
+    assert vv["status"]["state"] == "available" and vv["status"]["observedGeneration"] == 1
+    pv = fake_api.find(GROUP, "physicalvolumes", object_name("gold:l1"))
+    assert pv is not None and pv["status"] == {"state": "in-use", "volume": "v1", "observedGeneration": 1}
+    sa = fake_api.find(GROUP, "storagearrays", "gold")
+    assert sa is not None and sa["status"]["abilities"] == ["internal-copy", "dirty-tracking", "grow-lun"]
+    assert fake_api.warnings == []  # nothing was pruned: every body matched its CRD
+
+
+def test_names_and_labels_for_awkward_keys(fake_api: FakeApiServer, store: CrdStore) -> None:
+    for key in ("Z", "arr-ä", "a" * 300, "x:y", "..", "-a-"):
+        store.create(ARRAYS, array(key))
+        name = object_name(key)
+        obj = fake_api.find(GROUP, "storagearrays", name)
+        assert obj is not None and obj["metadata"]["annotations"][KEY_ANNOTATION] == key
+        assert store.get(ARRAYS, key) is not None
+    assert object_name("gold") == "gold" and object_name("Z") != object_name("z")
+    assert label_value("volume/pvc-a").startswith("h-") and label_value("v1") == "v1"
+
+
+def test_pair_finalizer_protects_volumes(fake_api: FakeApiServer, client: Any, store: CrdStore) -> None:
+    rev = store.create(VOLUMES, volume("v1", role=CopyRole.SOURCE))
+    assert fake_api.find(GROUP, "virtualvolumes", "v1")["metadata"]["finalizers"] == [PAIR_FINALIZER]  # type: ignore[index]
+    # someone deletes it with kubectl while the pair lives: it stays, and the store still has it
+    k8s.CustomObjectsApi(client).delete_cluster_custom_object(GROUP, VERSION, "virtualvolumes", "v1")
+    got = store.get(VOLUMES, "v1")
+    assert got is not None and got.revision != rev
+    # the pair ends: the role goes back to none, the finalizer goes, the deletion completes
+    store.update(VOLUMES, dataclasses.replace(got.value, role=CopyRole.NONE), revision=got.revision)
+    assert fake_api.find(GROUP, "virtualvolumes", "v1") is None
+    assert store.get(VOLUMES, "v1") is None
+
+
+def test_store_delete_removes_its_finalizer(fake_api: FakeApiServer, store: CrdStore) -> None:
+    store.create(VOLUMES, volume("v1", role=CopyRole.COPY))
+    rev = store.get(VOLUMES, "v1").revision  # type: ignore[union-attr]
+    store.delete(VOLUMES, "v1", revision=rev)
+    assert fake_api.find(GROUP, "virtualvolumes", "v1") is None
+    plain = store.create(VOLUMES, volume("v2", role=CopyRole.NONE))
+    assert "finalizers" not in fake_api.find(GROUP, "virtualvolumes", "v2")["metadata"]  # type: ignore[index]
+    store.update(VOLUMES, volume("v2", role=CopyRole.NONE, state=VolumeState.DELETING), revision=plain)
+
+
+def test_adopts_an_array_the_admin_created(fake_api: FakeApiServer, store: CrdStore) -> None:
+    fake_api.put(GROUP, "storagearrays", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "StorageArray", "metadata": {"name": "gold"},
+        "spec": {"kind": "filepool", "params": {"path": "/srv/gold"}, "abilityOverrides": {"remote-copy": False}}})
+    assert store.get(ARRAYS, "gold") is None  # not probed yet
+    [spec] = store.array_specs()
+    assert spec.id == "gold" and spec.params == {"path": "/srv/gold"}
+    assert spec.ability_overrides == {"remote-copy": False}
+    rev = store.create(ARRAYS, array("gold"))
+    got = store.get(ARRAYS, "gold")
+    assert got is not None and got.revision == rev and got.value == array("gold")
+    obj = fake_api.find(GROUP, "storagearrays", "gold")
+    assert obj is not None and obj["spec"]["params"] == {"path": "/srv/gold"}  # the admin's words kept
+    assert obj["spec"]["abilityOverrides"] == {"remote-copy": False}
+    with pytest.raises(errors.Conflict):
+        store.create(ARRAYS, array("gold"))
