@@ -242,7 +242,10 @@ class FilePoolDriver:
                 raise errors.BackendError(f"array {self._spec.id}: open {source}: {e}") from e
             try:
                 allocated = os.fstat(src_fd).st_blocks * 512
-                self._check_room(apparent=src.size, reserve=max(0, src.size - allocated))
+                # A reflink clone takes no new space: it is thin, like an array's snapshot, so
+                # the pool's capacity cap (thick, for provisioned LUNs) does not refuse it; the
+                # filesystem must still be able to fill its holes later.
+                self._check_room(apparent=0, reserve=max(0, src.size - allocated))
                 self._materialise(lun_id, size=src.size, fill=lambda fd: _ficlone(fd, src_fd),
                                   source=source)
             finally:
@@ -365,7 +368,7 @@ class FilePoolDriver:
 
     def _check_room(self, *, apparent: int, reserve: int) -> None:
         usage = self._usage()
-        if self._cap is not None and usage.apparent + apparent > self._cap:
+        if self._cap is not None and apparent and usage.apparent + apparent > self._cap:
             raise errors.CapacityExceeded(
                 f"array {self._spec.id}: {usage.apparent} + {apparent} bytes exceeds capacity {self._cap}")
         fs_free = 0

@@ -10,6 +10,7 @@ from csi_virtvol.model.capability import unsupported_reason
 from csi_virtvol.model.volume import VirtualVolume
 from csi_virtvol.services import params as P
 from csi_virtvol.services.publish import PublishService
+from csi_virtvol.services.snapshots import SnapshotService
 from csi_virtvol.services.volumes import CreateVolume, VolumeService
 
 RPC = pb.ControllerServiceCapability.RPC
@@ -17,13 +18,15 @@ CAPABILITIES = (
     RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST_VOLUMES, RPC.GET_CAPACITY,
     RPC.PUBLISH_READONLY, RPC.EXPAND_VOLUME, RPC.LIST_VOLUMES_PUBLISHED_NODES, RPC.VOLUME_CONDITION,
     RPC.GET_VOLUME, RPC.SINGLE_NODE_MULTI_WRITER, RPC.MODIFY_VOLUME,
+    RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.CLONE_VOLUME, RPC.GET_SNAPSHOT,
 )
 
 
 class ControllerServicer(rpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, *, volumes: VolumeService, publish: PublishService) -> None:
+    def __init__(self, *, volumes: VolumeService, publish: PublishService, snapshots: SnapshotService) -> None:
         self._volumes = volumes
         self._publish = publish
+        self._snapshots = snapshots
 
     def ControllerGetCapabilities(self, request: pb.ControllerGetCapabilitiesRequest,
                                   context: grpc.ServicerContext) -> pb.ControllerGetCapabilitiesResponse:
@@ -128,3 +131,31 @@ class ControllerServicer(rpc.ControllerServicer):  # type: ignore[misc]
                                context: grpc.ServicerContext) -> pb.ControllerModifyVolumeResponse:
         self._volumes.modify(C.require(request.volume_id, "volume_id"), mutable=dict(request.mutable_parameters))
         return pb.ControllerModifyVolumeResponse()
+
+    # -- snapshots ----------------------------------------------------------------
+    def _snapshot(self, snap: VirtualVolume) -> pb.Snapshot:
+        prog = self._snapshots.progress(snap)
+        out = pb.Snapshot(size_bytes=snap.size, snapshot_id=snap.id, source_volume_id=snap.source_volume,
+                          ready_to_use=prog.ready)
+        out.creation_time.FromNanoseconds(int(snap.created_at * 1e9))
+        return out
+
+    def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: grpc.ServicerContext) -> pb.CreateSnapshotResponse:
+        snap, _ = self._snapshots.create_snapshot(name=C.require(request.name, "name"),
+                                                  source_volume_id=C.require(request.source_volume_id, "source_volume_id"),
+                                                  parameters=dict(request.parameters))
+        return pb.CreateSnapshotResponse(snapshot=self._snapshot(snap))
+
+    def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext) -> pb.DeleteSnapshotResponse:
+        self._snapshots.delete_snapshot(C.require(request.snapshot_id, "snapshot_id"))
+        return pb.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
+        page = self._snapshots.page(snapshot_id=request.snapshot_id, source_volume_id=request.source_volume_id,
+                                    after=request.starting_token, limit=request.max_entries)
+        return pb.ListSnapshotsResponse(next_token=page.next_token, entries=[
+            pb.ListSnapshotsResponse.Entry(snapshot=self._snapshot(s)) for s in page.volumes])
+
+    def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.GetSnapshotResponse:
+        snap = self._snapshots.get(C.require(request.snapshot_id, "snapshot_id"))
+        return pb.GetSnapshotResponse(snapshot=self._snapshot(snap))

@@ -56,8 +56,38 @@ class PairTarget:
         return sum(e.bytes_done for e in self.extents)
 
 
+class Fence(enum.Enum):
+    """How the source is kept still while its point-in-time image is cut.
+
+    PROHIBITED: the source is published nowhere; its LUNs are access-prohibited
+    (seed [0046]) until the copy ends, so ControllerPublish waits.
+    FREEZE_REQUESTED -> FROZEN -> RELEASED: the source is in use on
+    `fence_node`; that node's plugin holds its writes (fsfreeze) while the
+    image is cut, and lets them go when the controller says RELEASED.
+    """
+
+    NONE = "none"
+    PROHIBITED = "prohibited"
+    FREEZE_REQUESTED = "freeze-requested"
+    FROZEN = "frozen"
+    RELEASED = "released"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pair:
     id: PairId
     source: VolumeId
     targets: tuple[PairTarget, ...]
+    fence: Fence = Fence.NONE
+    fence_node: str = ""
+    fence_message: str = ""
+    cut_at: float = 0.0  # when the point-in-time image was fixed (0: not yet)
+
+    @property
+    def state(self) -> PairState:
+        states = {t.state for t in self.targets}
+        for s in (PairState.FAILED, PairState.COPYING, PairState.RESYNCING, PairState.PAIRED):
+            if s in states:
+                return s
+        return PairState.SPLIT

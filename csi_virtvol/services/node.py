@@ -1,8 +1,11 @@
 """Node-side use cases: stage, publish, expand, stats, over node.stager."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from collections.abc import Mapping
 
@@ -11,6 +14,8 @@ from csi_virtvol.config import Config
 from csi_virtvol.model.capability import AccessType, Capability, unsupported_reason
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.volume import VirtualVolume, VolumeKind
+from csi_virtvol.model.pair import Fence
+from csi_virtvol.node import commands
 from csi_virtvol.node import stager as node_stager
 from csi_virtvol.node.layout import BackingExtent
 from csi_virtvol.model.allocation import choose_size
@@ -40,6 +45,7 @@ class NodeService:
         self._store = store
         self._locks = locks
         self._stager = node_stager.Stager(config.node_state_dir)
+        self.fences = FenceKeeper(node_id=config.node_id, store=store, stager=self._stager)
 
     def info(self) -> NodeInfo:
         return NodeInfo(id=self._config.node_id, topology=dict(self._config.node_topology),
@@ -118,3 +124,96 @@ class NodeService:
             if not os.path.exists(volume_path):
                 raise errors.NotFound(f"volume path {volume_path} does not exist")
             return self._stager.expand(volume_id, self._backing(vol))
+
+
+MAX_FREEZE = 600.0  # seconds a node holds a volume's writes for one image at most
+
+
+class FenceKeeper:
+    """The node's side of the pair fence protocol (see model.pair.Fence).
+
+    When the controller asks (FREEZE_REQUESTED, fence_node = this node) it
+    freezes the filesystem of the staged source (fsfreeze: dirty data is
+    flushed, then writes wait), answers FROZEN, and thaws when the pair says
+    RELEASED, goes away, or has been held MAX_FREEZE seconds.  Raw block
+    volumes cannot be held this way; it answers REFUSED with the reason.
+    """
+
+    def __init__(self, *, node_id: str, store: StateStore, stager: node_stager.Stager) -> None:
+        self._node = node_id
+        self._store = store
+        self._stager = stager
+        self._held: dict[str, tuple[str, float]] = {}  # pair id -> (mount point, since)
+
+    def run(self, stop: "threading.Event") -> None:
+        while not stop.is_set():
+            try:
+                self.scan()
+                for _ in self._store.watch(S.PAIRS, timeout=0.5):
+                    break  # something changed: scan again at once
+            except errors.VirtvolError as e:
+                log.warning("fence keeper: %s", e)
+                stop.wait(1.0)
+        for pair_id in list(self._held):
+            self._thaw(pair_id)
+
+    def scan(self) -> None:
+        seen = set()
+        for rec in self._store.list(S.PAIRS):
+            pair = rec.value
+            seen.add(pair.id)
+            mine = pair.fence_node == self._node
+            if mine and pair.fence is Fence.FREEZE_REQUESTED:
+                self._freeze(pair.id, pair.source)
+            elif pair.id in self._held and pair.fence is not Fence.FROZEN:
+                self._thaw(pair.id)
+            elif pair.id in self._held and time.monotonic() - self._held[pair.id][1] > MAX_FREEZE:
+                self._thaw(pair.id)
+                self._answer(pair.id, Fence.REFUSED, f"writes were held for {MAX_FREEZE:.0f}s; released")
+        for pair_id in set(self._held) - seen:
+            self._thaw(pair_id)
+
+    def _answer(self, pair_id: str, fence: Fence, message: str = "") -> None:
+        for _ in range(20):
+            rec = self._store.get(S.PAIRS, pair_id)
+            if rec is None:
+                return
+            try:
+                self._store.update(S.PAIRS, dataclasses.replace(rec.value, fence=fence, fence_message=message),
+                                   revision=rec.revision)
+                return
+            except errors.Conflict:
+                continue
+
+    def _freeze(self, pair_id: str, volume_id: str) -> None:
+        if pair_id in self._held:
+            self._answer(pair_id, Fence.FROZEN)
+            return
+        staged = self._stager.get(volume_id)
+        if staged is None:
+            self._answer(pair_id, Fence.REFUSED, f"volume {volume_id} is not staged on node {self._node}")
+            return
+        if staged.access != "mount":
+            self._answer(pair_id, Fence.REFUSED,
+                         f"volume {volume_id} is a raw block volume in use on {self._node}: its writes cannot be "
+                         "held; unpublish it, or keep it on arrays that copy internally")
+            return
+        try:
+            commands.run(["fsfreeze", "--freeze", staged.staging_path])
+        except errors.VirtvolError as e:
+            self._answer(pair_id, Fence.REFUSED, f"fsfreeze failed: {e}")
+            return
+        self._held[pair_id] = (staged.staging_path, time.monotonic())
+        log.info("pair %s: holding the writes of %s (froze %s)", pair_id, volume_id, staged.staging_path)
+        self._answer(pair_id, Fence.FROZEN)
+
+    def _thaw(self, pair_id: str) -> None:
+        held = self._held.pop(pair_id, None)
+        if held is None:
+            return
+        try:
+            commands.run(["fsfreeze", "--unfreeze", held[0]])
+        except errors.VirtvolError as e:
+            log.error("pair %s: could not thaw %s: %s", pair_id, held[0], e)
+            return
+        log.info("pair %s: writes of %s let go after %.2fs", pair_id, held[0], time.monotonic() - held[1])

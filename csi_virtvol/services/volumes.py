@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 from dataclasses import dataclass, field
 
 from csi_virtvol import errors
@@ -54,6 +55,10 @@ class CreateVolume:
     content_source: str = ""
 
 
+class Cloner(Protocol):
+    def __call__(self, *, vid: VolumeId, req: "CreateVolume", size: int, place: P.Placement) -> VirtualVolume: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Page:
     volumes: tuple[VirtualVolume, ...]
@@ -78,6 +83,17 @@ class VolumeService:
         self._store = store
         self._arrays = arrays
         self._locks = locks
+        self._cloner: Cloner | None = None
+        self._busy: Callable[[str], str] = lambda vid: ""
+        self._discard: Callable[[str], None] | None = None
+
+    def set_cloner(self, cloner: "Cloner", busy: Callable[[str], str],
+                   discard: Callable[[str], None] | None = None) -> None:
+        """The snapshot service fills volumes that have a content source, and says
+        which volumes are the source of a copy in progress."""
+        self._cloner = cloner
+        self._busy = busy
+        self._discard = discard
 
     # -- queries -----------------------------------------------------------
     def get(self, volume_id: str, *, kind: VolumeKind = VolumeKind.VOLUME) -> VirtualVolume:
@@ -162,6 +178,13 @@ class VolumeService:
         place = P.placement(req.parameters, req.mutable_parameters)
         size = choose_size(required=req.required_bytes, limit=req.limit_bytes)
         vid = volume_id_for(req.name)
+        if req.content_source:
+            existing = self._store.get(S.VOLUMES, vid)
+            if existing is not None:
+                self._check_same(existing.value, req, size)
+            if self._cloner is None:
+                raise errors.UnsupportedCapability("volume content sources are not supported")
+            return self._cloner(vid=vid, req=req, size=size, place=place)
         with self._locks.hold(f"name/{req.name}", vid):
             existing = self._store.get(S.VOLUMES, vid)
             if existing is not None:
@@ -311,7 +334,22 @@ class VolumeService:
             if vol.attachments:
                 nodes = ", ".join(a.node for a in vol.attachments)
                 raise errors.PreconditionFailed(f"volume {volume_id} is still published to {nodes}")
-            self._destroy(vol, rec.revision)
+            busy = self._busy(volume_id)
+            if busy:
+                raise errors.PreconditionFailed(f"volume {volume_id} cannot be deleted now: {busy}")
+        if vol.state is VolumeState.COPYING and self._discard is not None:
+            self._discard(volume_id)  # a clone still being filled: cancel the copy first
+            return
+        with self._locks.hold(volume_id):
+            rec = self._store.get(S.VOLUMES, volume_id)
+            if rec is not None:
+                self._destroy(rec.value, rec.revision)
+
+    def destroy(self, vol: VirtualVolume) -> None:
+        """Free a volume's LUNs and drop its record (callers hold its lock)."""
+        rec = self._store.get(S.VOLUMES, vol.id)
+        if rec is not None:
+            self._destroy(rec.value, rec.revision)
 
     def _destroy(self, vol: VirtualVolume, rev: Revision) -> None:
         if vol.state is not VolumeState.DELETING:
@@ -334,6 +372,9 @@ class VolumeService:
             vol = rec.value
             if vol.state is not VolumeState.AVAILABLE:
                 raise errors.PreconditionFailed(f"volume {volume_id} is {vol.state.value}")
+            busy = self._busy(volume_id)
+            if size > vol.size and busy:
+                raise errors.PreconditionFailed(f"volume {volume_id} cannot grow now: {busy}")
             if size <= vol.size:
                 return vol
             delta = size - vol.size

@@ -68,7 +68,7 @@ def _teardown_node(state_dir: str, workdir: Path) -> None:
 
     if os.path.isdir(state_dir):
         stager = Stager(state_dir)
-        for rec in stager.list():
+        for rec in stager.list_staged():
             stager.unstage(rec.volume_id, rec.staging_path)
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f]

@@ -1,0 +1,140 @@
+"""Running a pair's copy: the seed's volume multiplexing program (150).
+
+`CopyRunner` is how one HOST step runs: a local subprocess in standalone mode
+(`LocalCopyRunner`), a Kubernetes Job on a cluster (kube/jobs.py).  Either way
+the step is `csi-virtvol copy ... --progress-file F --resume-from auto`, whose
+durable checkpoints are read back and written into the pair record, so that a
+restarted controller resumes each extent where it stopped.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+from csi_virtvol import errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostCopy:
+    job: str
+    src: str
+    src_offset: int
+    dst: str
+    dst_offset: int
+    length: int
+    bwlimit: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    running: bool
+    done: bool
+    bytes_done: int
+    message: str = ""
+
+
+class CopyRunner(Protocol):
+    def start(self, copy: HostCopy) -> None:
+        """Start (or, if already running, leave running) the copy, resuming from
+        its last durable checkpoint."""
+
+    def poll(self, job: str) -> JobStatus: ...
+
+    def cancel(self, job: str) -> None:
+        """Stop the copy and forget it; stopping what is not running is fine."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """A copy must not outlive the controller that owns its pair record."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class LocalCopyRunner:
+    """Host copies as child processes of this controller (standalone mode)."""
+
+    def __init__(self, *, work_dir: str) -> None:
+        self._dir = work_dir
+        os.makedirs(work_dir, exist_ok=True)
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _progress(self, job: str) -> str:
+        return os.path.join(self._dir, f"{job}.progress.json")
+
+    def _log(self, job: str) -> str:
+        return os.path.join(self._dir, f"{job}.log")
+
+    def start(self, copy: HostCopy) -> None:
+        proc = self._procs.get(copy.job)
+        if proc is not None and proc.poll() is None:
+            return
+        argv = [sys.executable, "-m", "csi_virtvol", "copy",
+                "--src", f"{copy.src}:{copy.src_offset}:{copy.length}",
+                "--dst", f"{copy.dst}:{copy.dst_offset}",
+                "--progress-file", self._progress(copy.job), "--resume-from", "auto"]
+        if copy.bwlimit:
+            argv += ["--bwlimit", str(copy.bwlimit)]
+        with open(self._log(copy.job), "ab") as out:
+            try:
+                self._procs[copy.job] = subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent)
+            except OSError as e:
+                raise errors.BackendError(f"cannot start host copy {copy.job}: {e}") from e
+        log.info("host copy %s started: %s -> %s (%d bytes)", copy.job, copy.src, copy.dst, copy.length)
+
+    def _done_bytes(self, job: str) -> int:
+        try:
+            with open(self._progress(job)) as fh:
+                return int(json.load(fh).get("bytes_done", 0))
+        except (OSError, ValueError):
+            return 0
+
+    def poll(self, job: str) -> JobStatus:
+        proc = self._procs.get(job)
+        done = self._done_bytes(job)
+        if proc is None:
+            return JobStatus(running=False, done=False, bytes_done=done, message="not running")
+        rc = proc.poll()
+        if rc is None:
+            return JobStatus(running=True, done=False, bytes_done=done)
+        if rc == 0:
+            return JobStatus(running=False, done=True, bytes_done=done)
+        return JobStatus(running=False, done=False, bytes_done=done,
+                         message=f"copy exited with {rc}: {self._tail(job)}")
+
+    def _tail(self, job: str) -> str:
+        try:
+            with open(self._log(job), "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 400))
+                return fh.read().decode(errors="replace").strip().splitlines()[-1]
+        except (OSError, IndexError):
+            return ""
+
+    def cancel(self, job: str) -> None:
+        proc = self._procs.pop(job, None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for path in (self._progress(job), self._log(job)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        for job in list(self._procs):
+            proc = self._procs.pop(job)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)

@@ -1,0 +1,591 @@
+"""Snapshots, clones and restores: per-extent copy plans (seed drawings 9 and 10).
+
+A snapshot is a virtual volume of kind SNAPSHOT whose extents are copies of
+its source's extents, made by the cheapest means each extent allows
+(copy/planner.py): an internal copy (reflink clone) where the source LUN's
+array can, a host copy otherwise.  Its pair record (seed table 140) carries
+the per-extent method, state and bytes copied, and the fence that keeps the
+source still while the image is cut.
+
+Order of work, each step idempotent so a restarted controller resumes it:
+  1. record the target volume (state COPYING, extents with derived LUN names)
+     and the pair (COPYING, per-extent rows);
+  2. fence the source: an unpublished source has its LUNs access-prohibited;
+     a published one is frozen by its node's plugin (pair fence protocol);
+  3. make the target LUNs: internal clones (instant) and provisioned LUNs;
+  4. run the host copies, checkpointing bytes done into the pair;
+  5. lift the fence; the pair is SPLIT and the target AVAILABLE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from csi_virtvol import errors
+from csi_virtvol.backends.base import require_internal_copy
+from csi_virtvol.copy import planner
+from csi_virtvol.model.allocation import ALIGN, Candidate, Layout, LunNamer, plan_extents
+from csi_virtvol.model.array import Ability, LunOrigin, LunState
+from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
+from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
+                                    PairTarget)
+from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
+from csi_virtvol.services import failpoints
+from csi_virtvol.services import params as P
+from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
+from csi_virtvol.services.copying import CopyRunner, HostCopy
+from csi_virtvol.services.locks import KeyedLocks
+from csi_virtvol.services.volumes import CreateVolume, Page, VolumeService, volume_id_for
+from csi_virtvol.store import base as S
+from csi_virtvol.store.base import StateStore
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned extents may use"}
+FREEZE_WAIT = 30.0      # seconds a node has to hold a published source's writes
+POLL = 0.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Progress:
+    ready: bool
+    bytes_done: int
+    bytes_total: int
+    methods: tuple[str, ...]
+    message: str = ""
+
+
+class SnapshotService:
+    def __init__(self, *, store: StateStore, arrays: ArrayPool, locks: KeyedLocks,
+                 volumes: VolumeService, runner: CopyRunner, wait: float = 8.0,
+                 bwlimit: Callable[[VirtualVolume], int] = lambda v: 0) -> None:
+        self._store = store
+        self._arrays = arrays
+        self._locks = locks
+        self._volumes = volumes
+        self._runner = runner
+        self._wait = wait
+        self._bwlimit = bwlimit
+        self._workers: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._guard = threading.Lock()
+        volumes.set_cloner(self.create_from_source, self.busy_reason, self._discard_locked)
+
+    # -- queries -----------------------------------------------------------
+    def get(self, snapshot_id: str) -> VirtualVolume:
+        return self._volumes.get(snapshot_id, kind=VolumeKind.SNAPSHOT)
+
+    def progress(self, vol: VirtualVolume) -> Progress:
+        rec = self._store.get(S.PAIRS, vol.id)
+        if rec is None:
+            return Progress(ready=vol.state is VolumeState.AVAILABLE, bytes_done=vol.size,
+                            bytes_total=vol.size, methods=())
+        t = rec.value.targets[0]
+        methods = tuple(sorted({e.method.value for e in t.extents}))
+        return Progress(ready=vol.state is VolumeState.AVAILABLE, bytes_done=t.bytes_done,
+                        bytes_total=t.bytes_total, methods=methods, message=t.reason)
+
+    def page(self, *, snapshot_id: str = "", source_volume_id: str = "", after: str = "",
+             limit: int = 0) -> Page:
+        if snapshot_id:
+            try:
+                snap = self.get(snapshot_id)
+            except errors.NotFound:
+                return Page(volumes=(), next_token="")
+            if source_volume_id and snap.source_volume != source_volume_id:
+                return Page(volumes=(), next_token="")
+            return Page(volumes=(snap,), next_token="")
+        if source_volume_id:
+            found = sorted((r.value for r in self._store.find(S.VOLUMES, index="source", value=source_volume_id)
+                            if r.value.kind is VolumeKind.SNAPSHOT and r.value.state is not VolumeState.DELETING),
+                           key=lambda v: v.id)
+            if after:
+                found = [v for v in found if v.id > after]
+            if limit and len(found) > limit:
+                return Page(volumes=tuple(found[:limit]), next_token=found[limit - 1].id)
+            return Page(volumes=tuple(found), next_token="")
+        return self._volumes.page(after=after, limit=limit, kind=VolumeKind.SNAPSHOT)
+
+    def busy_reason(self, volume_id: str) -> str:
+        """Why `volume_id` cannot be deleted or resized now ("" if it can)."""
+        for r in self._store.find(S.PAIRS, index="source", value=volume_id):
+            if r.value.state is PairState.COPYING:
+                return f"a copy of {volume_id} into {r.value.targets[0].volume} is in progress"
+        return ""
+
+    # -- CreateSnapshot ----------------------------------------------------
+    def create_snapshot(self, *, name: str, source_volume_id: str,
+                        parameters: Mapping[str, str]) -> tuple[VirtualVolume, Progress]:
+        if not name:
+            raise errors.InvalidRequest("name is required")
+        if not source_volume_id:
+            raise errors.InvalidRequest("source_volume_id is required")
+        P.check_keys(parameters, SNAPSHOT_KEYS, what="snapshot parameter")
+        sid = volume_id_for(name, VolumeKind.SNAPSHOT)
+        with self._locks.hold(f"snapshot-name/{name}", sid):
+            existing = self._store.get(S.VOLUMES, sid)
+            if existing is not None and existing.value.source_volume != source_volume_id:
+                raise errors.AlreadyExists(f"snapshot {name} exists for volume {existing.value.source_volume}")
+            failed = self._store.get(S.PAIRS, sid)
+            if existing is not None and failed is not None and failed.value.state is PairState.FAILED:
+                log.warning("snapshot %s: the last attempt failed (%s); starting again", sid,
+                            failed.value.targets[0].reason)
+                self._discard(sid)
+                existing = None
+            if existing is not None:
+                if existing.value.state is VolumeState.COPYING:
+                    self._ensure_worker(sid)
+            else:
+                source = self._volumes.get(source_volume_id)
+                if source.state is not VolumeState.AVAILABLE:
+                    raise errors.PreconditionFailed(f"volume {source_volume_id} is {source.state.value}")
+                requested = [a.strip() for a in parameters.get("arrays", "").split(",") if a.strip()]
+                self._begin(target_id=sid, name=name, source=source, kind=VolumeKind.SNAPSHOT,
+                            size=source.size, requested=requested, parameters=dict(parameters))
+        snap = self._await(sid)
+        return snap, self.progress(snap)
+
+    def _await(self, vid: str) -> VirtualVolume:
+        """Wait a little for a short copy to finish, so small copies answer ready."""
+        deadline = time.monotonic() + self._wait
+        while True:
+            rec = self._store.get(S.VOLUMES, vid)
+            if rec is None:
+                raise errors.NotFound(f"{vid} vanished while being copied")
+            pair = self._store.get(S.PAIRS, vid)
+            if pair is not None and pair.value.state is PairState.FAILED:
+                raise errors.BackendError(f"copy into {vid} failed: {pair.value.targets[0].reason}")
+            if rec.value.state is not VolumeState.COPYING or time.monotonic() > deadline:
+                return rec.value
+            time.sleep(POLL)
+
+    # -- clone / restore (CreateVolume with a content source) --------------
+    def create_from_source(self, *, vid: VolumeId, req: CreateVolume, size: int,
+                           place: P.Placement) -> VirtualVolume:
+        kind, _, src_id = req.content_source.partition(":")
+        if kind == "snapshot":
+            try:
+                source = self.get(src_id)
+            except errors.NotFound as e:
+                raise errors.NotFound(f"snapshot {src_id} does not exist") from e
+            if source.state is not VolumeState.AVAILABLE:
+                raise errors.PreconditionFailed(f"snapshot {src_id} is not ready yet")
+        else:
+            source = self._volumes.get(src_id)
+            if source.state is not VolumeState.AVAILABLE:
+                raise errors.PreconditionFailed(f"volume {src_id} is {source.state.value}")
+        if size < source.size:
+            raise errors.OutOfRange(f"the new volume ({size} bytes) is smaller than its source ({source.size})")
+        with self._locks.hold(f"name/{req.name}", vid):
+            existing = self._store.get(S.VOLUMES, vid)
+            if existing is None:
+                names = list(place.arrays)
+                if place.selector:
+                    names = [i.id for i in self._arrays.select(names=names, selector=place.selector)]
+                self._begin(target_id=vid, name=req.name, source=source, kind=VolumeKind.VOLUME, size=size,
+                            requested=names, parameters=dict(req.parameters),
+                            mutable=dict(req.mutable_parameters), content_source=req.content_source)
+            elif existing.value.state is VolumeState.COPYING:
+                self._ensure_worker(vid)
+        vol = self._await(vid)
+        if vol.state is VolumeState.COPYING:
+            prog = self.progress(vol)
+            pct = 100 * prog.bytes_done // max(prog.bytes_total, 1)
+            raise errors.OperationPending(
+                f"volume {req.name} is being filled from {req.content_source}: {pct}% "
+                f"({prog.bytes_done} of {prog.bytes_total} bytes, {', '.join(prog.methods)})")
+        return vol
+
+    # -- planning -----------------------------------------------------------
+    def _reachable(self, a: ArrayId, b: ArrayId) -> bool:
+        return a == b
+
+    def _begin(self, *, target_id: VolumeId, name: str, source: VirtualVolume, kind: VolumeKind, size: int,
+               requested: list[str], parameters: dict[str, str], mutable: dict[str, str] | None = None,
+               content_source: str = "") -> None:
+        topo = TopologyFilter([source.topology]) if source.topology else None
+        infos = self._arrays.select(names=requested, topology_ok=topo)
+        if not infos:
+            raise errors.CapacityExceeded("no array can hold the copy")
+        abilities = {i.id: i.abilities for i in self._arrays.infos()}
+        lun_sizes = {}
+        for e in source.extents:
+            lrec = self._store.get(S.LUNS, f"{e.array}:{e.lun}")
+            if lrec is not None:
+                lun_sizes[lrec.value.key] = lrec.value.size
+        placement = planner.place_targets(
+            source=source, abilities=abilities, reachable=self._reachable,
+            requested=[i.id for i in infos], free={i.id: i.capacity_free - i.capacity_free % ALIGN for i in infos},
+            lun_sizes=lun_sizes)
+        names = self._slot_names(target_id, placement)
+        extents = planner.target_extents(placement, luns=names)
+        if size > source.size:  # restore or clone into a larger volume: fresh zeroed room at the end
+            cands = [Candidate(array=i.id, free=i.capacity_free) for i in infos]
+            extra = plan_extents(size=size - source.size, candidates=cands, layout=Layout.CONCAT,
+                                 lun_name=LunNamer(prefix=target_id), first_index=len(placement.slots))
+            extents += tuple(Extent(array=p.array, lun=p.lun, offset=0, length=p.length) for p in extra)
+        target = VirtualVolume(
+            id=target_id, name=name, size=size, extents=extents, kind=kind, state=VolumeState.COPYING,
+            address=f"virtvol://{target_id}", parameters=parameters, mutable_parameters=mutable or {},
+            content_source=content_source,
+            source_volume=source.id if kind is VolumeKind.SNAPSHOT else "",
+            role=CopyRole.COPY, topology=dict(source.topology), created_at=time.time())
+        plan = planner.plan_copy(source=source, targets=[_head(target, source.size)], abilities=abilities,
+                                 reachable=self._reachable, clones=planner.clone_map(placement, luns=names),
+                                 lun_sizes=lun_sizes)
+        pair = Pair(id=PairId(target_id), source=source.id, targets=(PairTarget(
+            volume=target_id, state=PairState.COPYING, extents=plan.extent_copies(target_id),
+            started_at=time.time()),))
+        # intent first: a crash from here on is resumed (or cleaned up) from these records
+        self._store.create(S.VOLUMES, target)
+        failpoints.hit("copy-recorded-volume")
+        self._store.create(S.PAIRS, pair)
+        failpoints.hit("copy-recorded-pair")
+        log.info("%s %s: copying %s (%s) by %s", kind.value, target_id, source.id, source.name,
+                 ", ".join(f"{m.value}={n}" for m, n in plan.bytes_by_method().items()))
+        try:
+            self._cut(pair.id)
+        except errors.VirtvolError as e:
+            log.warning("%s %s: could not cut the image: %s; undoing", kind.value, target_id, e)
+            self._discard(target_id)
+            raise
+        self._ensure_worker(target_id)
+
+    @staticmethod
+    def _slot_names(target_id: VolumeId, placement: planner.Placement) -> list[LunId]:
+        names: list[LunId] = []
+        first: dict[tuple[ArrayId, LunId], LunId] = {}
+        for i, slot in enumerate(placement.slots):
+            name = LunId(f"{target_id}-{i}")
+            if slot.kind is planner.SlotKind.CLONE and slot.source_lun is not None:
+                name = first.setdefault((slot.array, slot.source_lun), name)
+            names.append(name)
+        return names
+
+    # -- the cut: fence the source, make the target LUNs -------------------
+    def _cut(self, pair_id: str) -> None:
+        rec = self._store.get(S.PAIRS, pair_id)
+        if rec is None or rec.value.cut_at:
+            return
+        pair = rec.value
+        source = self._volumes.get(pair.source, kind=self._kind_of(pair.source))
+        target = self._store_volume(pair.targets[0].volume)
+        host_copies = any(e.method is not CopyMethod.INTERNAL for e in pair.targets[0].extents)
+        attached = source.attachments
+        if source.kind is VolumeKind.SNAPSHOT:
+            fence = Fence.NONE  # snapshots never change
+        elif not attached:
+            fence = Fence.PROHIBITED
+        elif len(source.extents) == 1 and not host_copies:
+            fence = Fence.NONE  # one reflink clone is atomic: no need to hold writes
+        else:
+            fence = Fence.FREEZE_REQUESTED
+        pair = self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
+        if fence is Fence.PROHIBITED:
+            self._set_lun_states(source, LunState.ACCESS_PROHIBITED)
+            # a publish may have slipped in before the LUNs were fenced
+            if self._store_volume(source.id).attachments:
+                self._set_lun_states(source, LunState.IN_USE)
+                raise errors.OperationPending(f"volume {source.id} was published meanwhile; try again")
+        elif fence is Fence.FREEZE_REQUESTED:
+            self._wait_frozen(pair_id)
+        failpoints.hit("copy-fenced")
+        self._make_luns(source, target)
+        failpoints.hit("copy-luns-made")
+        def mark(p: Pair) -> Pair:
+            return dataclasses.replace(p, cut_at=time.time())
+        self._update_pair(pair_id, mark)
+
+    def _kind_of(self, vid: str) -> VolumeKind:
+        return VolumeKind.SNAPSHOT if vid.startswith("vs-") else VolumeKind.VOLUME
+
+    def _store_volume(self, vid: str) -> VirtualVolume:
+        rec = self._store.get(S.VOLUMES, vid)
+        if rec is None:
+            raise errors.NotFound(f"{vid} does not exist")
+        return rec.value
+
+    def _wait_frozen(self, pair_id: str) -> None:
+        deadline = time.monotonic() + FREEZE_WAIT
+        while time.monotonic() < deadline:
+            rec = self._store.get(S.PAIRS, pair_id)
+            if rec is None:
+                raise errors.NotFound(f"pair {pair_id} vanished")
+            if rec.value.fence is Fence.FROZEN:
+                return
+            if rec.value.fence is Fence.REFUSED:
+                raise errors.PreconditionFailed(
+                    f"the node holding the source could not freeze it: {rec.value.fence_message}")
+            time.sleep(POLL / 2)
+        raise errors.OperationPending(
+            f"node {pair_id} did not freeze the source within {FREEZE_WAIT:.0f}s; try again")
+
+    def _set_fence(self, pair_id: str, fence: Fence, *, node: str = "", message: str = "") -> Pair:
+        def change(p: Pair) -> Pair:
+            return dataclasses.replace(p, fence=fence, fence_node=node or p.fence_node, fence_message=message)
+        return self._update_pair(pair_id, change)
+
+    def _update_pair(self, pair_id: str, change: Callable[[Pair], Pair]) -> Pair:
+        for _ in range(20):
+            rec = self._store.get(S.PAIRS, pair_id)
+            if rec is None:
+                raise errors.NotFound(f"pair {pair_id} does not exist")
+            new = change(rec.value)
+            if new == rec.value:
+                return new
+            try:
+                self._store.update(S.PAIRS, new, revision=rec.revision)
+                return new
+            except errors.Conflict:
+                continue
+        raise errors.Conflict(f"pair {pair_id} kept changing underneath")
+
+    def _set_lun_states(self, vol: VirtualVolume, state: LunState) -> None:
+        for e in vol.extents:
+            key = f"{e.array}:{e.lun}"
+            for _ in range(20):
+                rec = self._store.get(S.LUNS, key)
+                if rec is None or rec.value.state is state:
+                    break
+                try:
+                    self._store.update(S.LUNS, dataclasses.replace(rec.value, state=state), revision=rec.revision)
+                    break
+                except errors.Conflict:
+                    continue
+
+    def _make_luns(self, source: VirtualVolume, target: VirtualVolume) -> None:
+        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent."""
+        src_luns = {(e.array, e.lun) for e in source.extents}
+        made: set[tuple[ArrayId, LunId]] = set()
+        for i, e in enumerate(target.extents):
+            if (e.array, e.lun) in made:
+                continue
+            made.add((e.array, e.lun))
+            driver = self._arrays.driver(e.array)
+            clone_of = self._clone_source(source, target, i)
+            if clone_of is not None and (e.array, clone_of) in src_luns:
+                copier = require_internal_copy(driver, self._arrays.info(e.array, fresh=False).abilities)
+                lun = copier.copy_lun_internal(source=clone_of, name=e.lun)
+            else:
+                lun = driver.create_lun(name=e.lun, size=e.length if e.offset == 0 else e.offset + e.length)
+            claimed = dataclasses.replace(lun, state=LunState.IN_USE, origin=LunOrigin.PROVISIONED,
+                                          volume=target.id)
+            S.upsert(self._store, S.LUNS, claimed)
+
+    def _clone_source(self, source: VirtualVolume, target: VirtualVolume, index: int) -> LunId | None:
+        """The source LUN whose clone target extent `index` is (by the pair's recorded methods)."""
+        pair = self._store.get(S.PAIRS, target.id)
+        if pair is None:
+            return None
+        steps = self._steps(source, target)
+        rows = {r.index: r for r in pair.value.targets[0].extents}
+        e = target.extents[index]
+        for step in steps:
+            if (step.target_extent.array, step.target_extent.lun) == (e.array, e.lun):
+                row = rows.get(step.index)
+                if row is not None and row.method is CopyMethod.INTERNAL:
+                    return step.source.lun
+        return None
+
+    def _steps(self, source: VirtualVolume, target: VirtualVolume) -> tuple[planner.CopyStep, ...]:
+        """The copy's pieces, recomputed from the two volumes' extents (deterministic)."""
+        plan = planner.plan_copy(source=source, targets=[_head(target, source.size)], abilities={},
+                                 reachable=lambda a, b: False)
+        return plan.for_target(target.id)
+
+    # -- the worker: host copies with checkpoints ----------------------------
+    def _ensure_worker(self, vid: str) -> None:
+        with self._guard:
+            w = self._workers.get(vid)
+            if w is not None and w[0].is_alive():
+                return
+            stop = threading.Event()
+            t = threading.Thread(target=self._work, args=(vid, stop), name=f"copy-{vid[:12]}", daemon=True)
+            self._workers[vid] = (t, stop)
+            t.start()
+
+    def _work(self, vid: str, stop: threading.Event) -> None:
+        try:
+            self._cut(vid)
+            self._copy(vid, stop)
+        except errors.VirtvolError as e:
+            if stop.is_set():
+                return
+            log.error("copy into %s failed: %s", vid, e)
+            self._fail(vid, str(e))
+        except Exception as e:  # keep the worker's failure in the record, not only in a log
+            log.exception("copy into %s crashed", vid)
+            self._fail(vid, f"{type(e).__name__}: {e}")
+
+    def _copy(self, vid: str, stop: threading.Event) -> None:
+        pair = self._update_pair(vid, lambda p: p)
+        if pair.fence is Fence.REFUSED:
+            raise errors.PreconditionFailed(
+                f"the source's node stopped holding its writes before the image was complete: {pair.fence_message}")
+        source = self._store_volume(pair.source)
+        target = self._store_volume(vid)
+        steps = {s.index: s for s in self._steps(source, target)}
+        for row in pair.targets[0].extents:
+            if row.state is ExtentCopyState.DONE:
+                continue
+            if stop.is_set():
+                return
+            if row.method is not CopyMethod.HOST:
+                raise errors.UnsupportedCapability(f"{row.method.value} copy is not available here")
+            step = steps[row.index]
+            self._host_copy(vid, row, step, stop, source)
+        if stop.is_set():
+            return
+        self._finish(vid)
+
+    def _host_copy(self, vid: str, row: ExtentCopy, step: planner.CopyStep, stop: threading.Event,
+                   source: VirtualVolume) -> None:
+        src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
+        dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
+        job = f"{vid}-{row.index}"
+        copy = HostCopy(job=job, src=src, src_offset=step.source.offset, dst=dst,
+                        dst_offset=step.target_extent.offset, length=step.length,
+                        bwlimit=self._bwlimit(source))
+        attempts = 0
+        self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
+        self._runner.start(copy)
+        last = -1
+        while not stop.wait(POLL):
+            st = self._runner.poll(job)
+            if st.bytes_done != last:
+                last = st.bytes_done
+                self._set_row(vid, row.index, done=min(st.bytes_done, row.bytes_total))
+                if st.bytes_done:
+                    failpoints.hit("copy-checkpointed")
+            if st.done:
+                self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total)
+                self._runner.cancel(job)  # forget its files
+                return
+            if not st.running:
+                attempts += 1
+                if attempts > 3:
+                    raise errors.BackendError(f"host copy of extent {row.index} failed: {st.message}")
+                log.warning("host copy %s stopped (%s); restarting from its checkpoint", job, st.message)
+                self._runner.start(copy)
+        self._runner.cancel(job)
+
+    def _set_row(self, vid: str, index: int, *, state: ExtentCopyState | None = None, done: int | None = None) -> None:
+        def change(p: Pair) -> Pair:
+            t = p.targets[0]
+            rows = tuple(dataclasses.replace(r, state=state or r.state,
+                                             bytes_done=r.bytes_done if done is None else done)
+                         if r.index == index else r for r in t.extents)
+            return dataclasses.replace(p, targets=(dataclasses.replace(t, extents=rows),))
+        self._update_pair(vid, change)
+
+    def _release(self, pair: Pair) -> None:
+        if pair.fence is Fence.PROHIBITED:
+            try:
+                self._set_lun_states(self._store_volume(pair.source), LunState.IN_USE)
+            except errors.NotFound:
+                pass
+        if pair.fence in (Fence.PROHIBITED, Fence.FREEZE_REQUESTED, Fence.FROZEN):
+            self._set_fence(pair.id, Fence.RELEASED)
+
+    def _finish(self, vid: str) -> None:
+        failpoints.hit("copy-finishing")
+        pair = self._update_pair(vid, lambda p: p)
+        self._release(pair)
+        failpoints.hit("copy-released")
+
+        def split(p: Pair) -> Pair:
+            t = dataclasses.replace(p.targets[0], state=PairState.SPLIT, ended_at=time.time())
+            return dataclasses.replace(p, targets=(t,))
+        self._update_pair(vid, split)
+        rec = self._store.get(S.VOLUMES, vid)
+        if rec is not None and rec.value.state is VolumeState.COPYING:
+            self._store.update(S.VOLUMES, dataclasses.replace(rec.value, state=VolumeState.AVAILABLE),
+                               revision=rec.revision)
+        log.info("copy into %s complete", vid)
+
+    def _fail(self, vid: str, reason: str) -> None:
+        try:
+            pair = self._update_pair(vid, lambda p: p)
+        except errors.NotFound:
+            return
+        self._release(pair)
+
+        def failed(p: Pair) -> Pair:
+            t = dataclasses.replace(p.targets[0], state=PairState.FAILED, reason=reason, ended_at=time.time())
+            return dataclasses.replace(p, targets=(t,))
+        self._update_pair(vid, failed)
+
+    # -- DeleteSnapshot, and undoing a copy -----------------------------------
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        if not snapshot_id:
+            raise errors.InvalidRequest("snapshot_id is required")
+        with self._locks.hold(snapshot_id):
+            rec = self._store.get(S.VOLUMES, snapshot_id)
+            if rec is None or rec.value.kind is not VolumeKind.SNAPSHOT:
+                return
+            self._discard(snapshot_id)
+
+    def _stop_worker(self, vid: str) -> None:
+        with self._guard:
+            w = self._workers.pop(vid, None)
+        if w is not None:
+            w[1].set()
+            w[0].join(timeout=60)
+
+    def _discard(self, vid: str) -> None:
+        """Cancel any copy, lift the fence, free every LUN, drop the records."""
+        self._stop_worker(vid)
+        pair = self._store.get(S.PAIRS, vid)
+        if pair is not None:
+            for row in pair.value.targets[0].extents:
+                self._runner.cancel(f"{vid}-{row.index}")
+            self._release(pair.value)
+        vol = self._store.get(S.VOLUMES, vid)
+        if vol is not None:
+            self._volumes.destroy(vol.value)
+        self._store.delete(S.PAIRS, vid)
+
+    def _discard_locked(self, vid: str) -> None:
+        """DeleteVolume of a clone still being filled."""
+        with self._locks.hold(vid):
+            self._discard(vid)
+
+    # -- start-up ---------------------------------------------------------
+    def resume(self) -> None:
+        for rec in self._store.list(S.PAIRS):
+            pair = rec.value
+            if pair.state is PairState.COPYING:
+                target = self._store.get(S.VOLUMES, pair.targets[0].volume)
+                if target is None:
+                    self._release(pair)
+                    self._store.delete(S.PAIRS, pair.id)
+                    continue
+                log.info("resuming copy into %s", pair.id)
+                self._ensure_worker(pair.id)
+
+    def close(self) -> None:
+        for vid in list(self._workers):
+            with self._guard:
+                w = self._workers.pop(vid, None)
+            if w is not None:
+                w[1].set()
+                w[0].join(timeout=30)
+
+
+def _head(vol: VirtualVolume, size: int) -> VirtualVolume:
+    """The first `size` bytes of `vol` (the part a copy fills; the rest is fresh)."""
+    out: list[Extent] = []
+    left = size
+    for e in vol.extents:
+        if left <= 0:
+            break
+        n = min(e.length, left)
+        out.append(dataclasses.replace(e, length=n))
+        left -= n
+    return dataclasses.replace(vol, size=size, extents=tuple(out))
+
+
+__all__ = ["SnapshotService", "Progress", "SNAPSHOT_KEYS", "Ability"]
