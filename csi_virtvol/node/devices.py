@@ -93,6 +93,25 @@ def attach(
     if existing is not None:
         logger.debug("reusing %s for %s@%d", existing.name, path, offset)
         return existing.name
+    try:
+        name = _losetup(path, offset=offset, sizelimit=sizelimit, direct_io=direct_io,
+                        readonly=readonly)
+    except errors.BackendError as e:
+        if not direct_io or "Invalid argument" not in str(e):
+            raise
+        # Older kernels refuse direct I/O outright where the backing file cannot do it
+        # (tmpfs, for one) instead of falling back; fall back here.
+        logger.warning("direct I/O refused for %s; attaching buffered", path)
+        name = _losetup(path, offset=offset, sizelimit=sizelimit, direct_io=False,
+                        readonly=readonly)
+    if not name.startswith("/dev/"):
+        raise errors.BackendError(f"losetup printed no device for {path}: {name!r}")
+    logger.info("attached %s to %s offset=%d sizelimit=%d dio=%s ro=%s",
+                name, path, offset, sizelimit, direct_io, readonly)
+    return name
+
+
+def _losetup(path: str, *, offset: int, sizelimit: int, direct_io: bool, readonly: bool) -> str:
     argv = ["losetup", "--find", "--show", f"--direct-io={'on' if direct_io else 'off'}"]
     if offset:
         argv += ["--offset", str(offset)]
@@ -101,12 +120,7 @@ def attach(
     if readonly:
         argv.append("--read-only")
     argv.append(path)
-    name = commands.run(argv).stdout.strip()
-    if not name.startswith("/dev/"):
-        raise errors.BackendError(f"losetup printed no device for {path}: {name!r}")
-    logger.info("attached %s to %s offset=%d sizelimit=%d dio=%s ro=%s",
-                name, path, offset, sizelimit, direct_io, readonly)
-    return name
+    return commands.run(argv).stdout.strip()
 
 
 def detach(device: str) -> None:

@@ -108,7 +108,7 @@ class Stager:
         except FileNotFoundError:
             return None
 
-    def list(self) -> list[StagedVolume]:
+    def list_staged(self) -> list[StagedVolume]:
         out = []
         for entry in sorted(os.listdir(self._root)):
             try:

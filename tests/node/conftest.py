@@ -18,6 +18,8 @@ def node_root(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("needs root (loop devices, mount)")
     yield tmp_path
     cleanup_under(tmp_path)
+    for lun in tmp_path.glob("lun-*"):  # hundreds of MiB each; the VM keeps /tmp in RAM
+        lun.unlink()
 
 
 COMPOSER = os.environ.get("VIRTVOL_TEST_COMPOSER", "fuse")  # test_vm.py sets "dm"

@@ -30,6 +30,7 @@ def _workdir(stager: Stager, volume_id: str) -> str:
 def _assert_gone(stager: Stager, volume_id: str, root: Path, pid: int | None) -> None:
     workdir = _workdir(stager, volume_id)
     assert not os.path.exists(workdir)
+    assert stager._composer.device(workdir=workdir, name=volume_id) is None
     assert [lo for lo in devices.list_loops() if lo.back_file.startswith(str(root))] == []
     assert [m for m in fs.mounts() if m.mount_point.startswith(str(root))] == []
     if pid is not None:
