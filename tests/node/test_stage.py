@@ -406,3 +406,38 @@ def test_bad_requests(stager: Stager, one_extent: list[BackingExtent], node_root
         stager.publish("b", staging, str(node_root / "t"))
     assert stager.get("b") is None
     assert [lo for lo in devices.list_loops() if lo.back_file.startswith(str(node_root))] == []
+
+
+def test_read_only_stage(stager: Stager, three_extents: list[BackingExtent], node_root: Path) -> None:
+    staging = str(node_root / "staging")
+    stager.stage("ro2", three_extents, staging, fs_type="xfs")
+    Path(staging, "kept").write_bytes(b"data")
+    stager.unstage("ro2", staging)
+    before = read_extents(three_extents)
+
+    vol = stager.stage("ro2", three_extents, staging, fs_type="xfs", readonly=True)
+    assert Path(staging, "kept").read_bytes() == b"data"
+    with pytest.raises(OSError) as e:
+        Path(staging, "new").write_bytes(b"x")
+    assert e.value.errno == errno.EROFS
+    assert not stager.condition("ro2").abnormal
+    with pytest.raises(OSError):
+        fd = os.open(vol.device, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 4096, 0)
+        finally:
+            os.close(fd)
+    with pytest.raises(errors.PreconditionFailed):
+        stager.expand("ro2", [*three_extents[:-1], BackingExtent(
+            path=three_extents[-1].path, offset=three_extents[-1].offset,
+            length=three_extents[-1].length + MiB)])
+    stager.unstage("ro2", staging)
+    assert read_extents(three_extents) == before  # nothing was written, not even a log
+
+
+def test_blank_volume_cannot_be_staged_read_only(
+    stager: Stager, one_extent: list[BackingExtent], node_root: Path
+) -> None:
+    with pytest.raises(errors.PreconditionFailed):
+        stager.stage("blank", one_extent, str(node_root / "staging"), readonly=True)
+    stager.unstage("blank", str(node_root / "staging"))
