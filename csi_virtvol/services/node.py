@@ -27,6 +27,9 @@ from csi_virtvol.store.base import StateStore
 log = logging.getLogger(__name__)
 
 
+XFS_MIN_SIZE = 300 * 1000 * 1000  # mkfs.xfs refuses smaller filesystems
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Stats:
     bytes_total: int
@@ -78,6 +81,11 @@ class NodeService:
             else:
                 extents = self._backing(self._volume(volume_id))
             access: node_stager.Access = "block" if capability.access_type is AccessType.BLOCK else "mount"
+            size = sum(e.length for e in extents)
+            if access == "mount" and capability.fs_type == "xfs" and size < XFS_MIN_SIZE \
+                    and self._stager.get(volume_id) is None:
+                raise errors.OutOfRange(
+                    f"volume {volume_id} has {size} bytes; XFS needs at least {XFS_MIN_SIZE >> 20} MiB")
             self._stager.stage(volume_id, extents, staging_path, access=access,
                                fs_type=capability.fs_type or "ext4", mount_flags=list(capability.mount_flags),
                                readonly=capability.access_mode.read_only, mount_group=capability.mount_group)

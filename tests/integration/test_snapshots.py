@@ -203,3 +203,99 @@ def test_snapshot_errors_leave_nothing(plugin: Plugin) -> None:
     plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=src.volume_id))
     assert plugin.footprint() == before
     assert os.listdir(plugin.pools["fast"] / "luns") == []
+
+
+BLOCK = 4096
+
+
+def _block(i: int) -> bytes:
+    head = f"virtvol-seq {i:012d} ".encode()
+    return head + bytes([i % 251]) * (BLOCK - len(head))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_writer_running_through_a_snapshot_is_cut_at_one_instant(xfs_mount: Path, ext4_mount: Path,
+                                                                 tmp_path: Path, fs: str) -> None:
+    from harness.plugin import running_plugin
+
+    tag = unique("w")
+    with running_plugin(tmp_path / "plugin", [("fast", xfs_mount / f"fast-{tag}", 512 * MiB, {}),
+                                              ("slow", ext4_mount / f"slow-{tag}", 512 * MiB, {})]) as plugin:
+        _writer_through_snapshot(plugin, tmp_path, fs)
+
+
+def _writer_through_snapshot(plugin: Plugin, tmp_path: Path, fs: str) -> None:
+    """Every write acknowledged before the cut is in the image and none issued after it.
+
+    The volume spans a reflink pool and an ext4 pool, so its image needs a host
+    copy while the volume is in use: the node holds the writes (fence protocol).
+    """
+    import threading
+
+    cap = mount_cap(fs)
+    # the first extent (where a small new file lands) is on ext4, so it is copied by the host
+    create_volume(plugin, 384 * MiB, arrays="slow")  # leaves 128 MiB on the ext4 pool
+    src = create_volume(plugin, 320 * MiB, arrays="slow,fast", layout="concat")
+    ctx = plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=src.volume_id, node_id=NODE_ID, volume_capability=cap)).publish_context
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    plugin.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=src.volume_id, staging_target_path=str(staging), volume_capability=cap, publish_context=ctx))
+    acked: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(staging / "seq.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            i = 0
+            while not stop.is_set():
+                os.pwrite(fd, _block(i), i * BLOCK)
+                os.fdatasync(fd)
+                acked.append((i, time.time()))
+                i += 1
+        finally:
+            os.close(fd)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        while len(acked) < 50:
+            time.sleep(0.05)
+        snap = snapshot_ready(plugin, unique("snap"), src.volume_id)
+        time.sleep(0.3)  # the writer carries on after the cut
+    finally:
+        stop.set()
+        w.join()
+    assert snap.ready_to_use
+    with SqliteStore(str(plugin.data_dir / "state.db"), readonly=True) as st:
+        pair = st.get(S.PAIRS, snap.snapshot_id)
+        assert pair is not None
+        cut = pair.value.cut_at
+        assert [e.method.value for e in pair.value.targets[0].extents] == ["host", "internal"]
+        fence = pair.value.fence.value
+    before_cut = [i for i, t in acked if t < cut]
+    assert before_cut and len(acked) > len(before_cut), "the writer must run on both sides of the cut"
+
+    restored = create_volume(plugin, 320 * MiB, source=snap_source(snap.snapshot_id))
+    ctx2 = plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=restored.volume_id, node_id=NODE_ID, volume_capability=cap)).publish_context
+    staging2 = tmp_path / "restored"
+    staging2.mkdir()
+    plugin.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=restored.volume_id, staging_target_path=str(staging2), volume_capability=cap,
+        publish_context=ctx2))
+    with open(staging2 / "seq.bin", "rb") as f:
+        image = f.read()
+    n = 0
+    while (n + 1) * BLOCK <= len(image) and image[n * BLOCK:(n + 1) * BLOCK] == _block(n):
+        n += 1
+    tail = image[n * BLOCK:]
+    assert tail.count(0) == len(tail), "the image holds a torn or foreign block after block %d" % n
+    last_acked_before_cut = before_cut[-1]
+    assert n - 1 >= last_acked_before_cut, "an acknowledged pre-cut write is missing from the image"
+    assert n - 1 <= last_acked_before_cut + 1, "post-cut data leaked into the image"
+    assert fence == "released"
+    for vid, path in ((restored.volume_id, staging2), (src.volume_id, staging)):
+        plugin.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(path)))
