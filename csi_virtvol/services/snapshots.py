@@ -555,6 +555,12 @@ class SnapshotService:
 
     # -- start-up ---------------------------------------------------------
     def resume(self) -> None:
+        """After a restart: finish every copy in flight; drop targets whose pair was never written."""
+        pairs = {r.value.id for r in self._store.list(S.PAIRS)}
+        for vrec in self._store.list(S.VOLUMES):
+            if vrec.value.state is VolumeState.COPYING and vrec.value.id not in pairs:
+                log.warning("%s: a copy was recorded but never started; removing it", vrec.value.id)
+                self._volumes.destroy(vrec.value)
         for rec in self._store.list(S.PAIRS):
             pair = rec.value
             if pair.state is PairState.COPYING:
