@@ -6,6 +6,7 @@ field needs no codec change.  Enums are stored by value, Flags as name lists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import enum
 import types
 import typing
@@ -38,8 +39,13 @@ def _encode(v: Any) -> Any:
     return v
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:

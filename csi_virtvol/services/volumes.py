@@ -209,8 +209,10 @@ class VolumeService:
                 f"volume {req.name} exists with size {vol.size}, outside the requested range")
 
     def _intact_luns(self, array: ArrayId) -> tuple[Lun, ...]:
-        return tuple(r.value for r in self._store.find(S.LUNS, index="array", value=array)
-                     if r.value.state is LunState.INTACT and r.value.origin is LunOrigin.DISCOVERED)
+        # LUNs that belong to no volume, by index: not a scan of every LUN of the array
+        return tuple(r.value for r in self._store.find(S.LUNS, index="volume", value="")
+                     if r.value.array == array and r.value.state is LunState.INTACT
+                     and r.value.origin is LunOrigin.DISCOVERED)
 
     def _groups(self, infos: Sequence[ArrayInfo]) -> list[list[ArrayInfo]]:
         """Arrays that can serve one volume together: same (or no) topology."""
