@@ -211,8 +211,10 @@ def grow(*, device: str, mount_point: str, fs_type: str) -> None:
             commands.run(["resize2fs", device])
         except errors.BackendError as e:
             if "Permission denied" in str(e) and not has_capability(CAP_SYS_RESOURCE):
-                raise errors.BackendError(
-                    f"{e}; growing ext4 online needs CAP_SYS_RESOURCE, which this process lacks"
+                raise errors.PreconditionFailed(
+                    f"the device of {mount_point} grew, but growing ext4 while mounted needs "
+                    "CAP_SYS_RESOURCE, which this node plugin lacks; the filesystem is grown "
+                    "offline the next time the volume is staged"
                 ) from e
             raise
     elif fs_type == "xfs":
@@ -223,6 +225,29 @@ def grow(*, device: str, mount_point: str, fs_type: str) -> None:
 
 
 CAP_SYS_RESOURCE = 24
+
+
+def grow_offline(device: str, fs_type: str) -> bool:
+    """Before mounting: grow an ext4 filesystem that is smaller than its device
+    (an online grow that could not run).  Returns whether it grew."""
+    if fs_type != "ext4":
+        return False  # XFS can only grow mounted, and xfs_growfs needs no extra capability
+    out = commands.run(["dumpe2fs", "-h", device]).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    try:
+        fs_bytes = int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError) as e:
+        raise errors.BackendError(f"cannot read the ext4 size of {device}") from e
+    with open(device, "rb") as f:
+        dev_bytes = f.seek(0, os.SEEK_END)
+    if dev_bytes - fs_bytes < 1 << 20:
+        return False
+    fsck = commands.run(["e2fsck", "-f", "-p", device], check=False)
+    if fsck.returncode not in (0, 1):
+        raise errors.BackendError(f"e2fsck -f -p {device} exited {fsck.returncode}: {fsck.stderr.strip()}")
+    commands.run(["resize2fs", device])
+    logger.info("grew ext4 on %s offline from %d to %d bytes", device, fs_bytes, dev_bytes)
+    return True
 
 
 def has_capability(cap: int) -> bool:

@@ -214,6 +214,8 @@ class Stager:
                     actual = found
                 else:
                     actual = fs.ensure_fs(device, fs_type)
+                    if not fs.is_mounted(staging_path):
+                        fs.grow_offline(device, actual)
                 fs.mount(device, staging_path, fs_type=actual, flags=mount_flags,
                          readonly=readonly)
                 if grown and not readonly:
