@@ -157,7 +157,9 @@ def _pair_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
                         for e in t["extents"]],
             "bytesTotal": t_total, "bytesDone": t_done, "startedAt": t["started_at"],
             "endedAt": t["ended_at"], "reason": t["reason"]})
-    status: Obj = {"progress": progress(done, total), "methods": ",".join(methods), "targets": targets}
+    status: Obj = {"progress": progress(done, total), "methods": ",".join(methods), "targets": targets,
+                   "fence": rec["fence"], "fenceNode": rec["fence_node"], "fenceMessage": rec["fence_message"],
+                   "cutAt": rec["cut_at"]}
     if rec["targets"]:
         status["state"] = min((t["state"] for t in rec["targets"]), key=lambda s: _PAIR_RANK.get(s, 0))
     return {"source": rec["source"], "targets": [t["volume"] for t in rec["targets"]]}, status
