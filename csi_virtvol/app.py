@@ -5,12 +5,14 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from csi_virtvol import errors
 from csi_virtvol.config import Config, parse_size
 from csi_virtvol.model.volume import VirtualVolume
-from csi_virtvol.services.copying import LocalCopyRunner
+from csi_virtvol.copy.runner import CopyRunner, LocalCopyRunner
+from csi_virtvol.services.events import EventSink
 from csi_virtvol.services.snapshots import SnapshotService
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
@@ -42,16 +44,20 @@ class ControllerCore:
     snapshots: SnapshotService
 
 
-def build_controller(config: Config, store: StateStore, locks: KeyedLocks) -> ControllerCore:
+def build_controller(config: Config, store: StateStore, locks: KeyedLocks, *,
+                     runner: CopyRunner | None = None, events: EventSink | None = None,
+                     is_leader: Callable[[], bool] = lambda: True) -> ControllerCore:
     arrays = ArrayPool(specs=config.arrays, store=store, table_path=config.ability_table)
     volumes = VolumeService(config=config, store=store, arrays=arrays, locks=locks)
     publish = PublishService(store=store, arrays=arrays, locks=locks)
-    runner = LocalCopyRunner(work_dir=os.path.join(config.data_dir, "copies"))
+    runner = runner or LocalCopyRunner(work_dir=os.path.join(config.data_dir, "copies"))
     snapshots = SnapshotService(store=store, arrays=arrays, locks=locks, volumes=volumes, runner=runner,
-                                bwlimit=lambda v: copy_bandwidth(config, v))
+                                bwlimit=lambda v: copy_bandwidth(config, v), events=events, is_leader=is_leader)
     arrays.sync()
-    volumes.recover()
-    snapshots.resume()
+    single = config.store == "sqlite"  # one controller: nothing else can be half-way through a create
+    if single or is_leader():
+        volumes.recover()
+    snapshots.resume(orphan_age=0.0 if single else 60.0)
     return ControllerCore(arrays=arrays, volumes=volumes, publish=publish, snapshots=snapshots)
 
 
@@ -59,6 +65,36 @@ def copy_bandwidth(config: Config, vol: VirtualVolume) -> int:
     """A volume's copyBandwidth mutable parameter, else the driver-wide default."""
     own = vol.mutable_parameters.get("copyBandwidth", "")
     return parse_size(own) if own else config.copy_bandwidth
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterParts:
+    runner: CopyRunner
+    events: EventSink
+    is_leader: Callable[[], bool]
+    threads: tuple[Callable[[threading.Event], None], ...]
+
+
+def cluster_parts(config: Config) -> ClusterParts:
+    """On Kubernetes: copy Jobs, Events, and a Lease so one replica runs the copies."""
+    from csi_virtvol.kube import copyrunner, crdstore, events, jobs, lease, sink
+
+    api = crdstore.api_client()
+    settings = copyrunner.JobSettings.from_config(config.copy_job, namespace=config.kube_namespace,
+                                                  image=config.copy_image, node=config.node_id)
+    runner = copyrunner.JobCopyRunner(jobs.JobRunner(api, namespace=config.kube_namespace), settings)
+    recorder = sink.KubeEvents(events.EventRecorder(api, instance=config.pod_name))
+    if not config.leader_election:
+        return ClusterParts(runner=runner, events=recorder, is_leader=lambda: True, threads=())
+    elector = lease.LeaderElector(api, namespace=config.kube_namespace, name=config.lease_name,
+                                  identity=config.pod_name)
+
+    def elect(stop: threading.Event) -> None:
+        elector.run(stop=stop,
+                    on_started_leading=lambda: log.info("%s leads: running copies", config.pod_name),
+                    on_stopped_leading=lambda: log.warning("%s no longer leads", config.pod_name))
+
+    return ClusterParts(runner=runner, events=recorder, is_leader=lambda: elector.is_leader, threads=(elect,))
 
 
 def serve(config: Config, *, stop: threading.Event | None = None) -> int:
@@ -70,20 +106,29 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
 
     store = open_store(config)
     locks = KeyedLocks()
-    stop_fences = threading.Event()
+    background = threading.Event()
     ready = threading.Event()
+    loops: list[tuple[str, Callable[[threading.Event], None]]] = []
     controller = None
+    core = None
     if config.mode.controller:
-        core = build_controller(config, store, locks)
+        parts = cluster_parts(config) if config.store == "crd" else None
+        core = build_controller(config, store, locks, runner=parts.runner if parts else None,
+                                events=parts.events if parts else None,
+                                is_leader=parts.is_leader if parts else (lambda: True))
         controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots)
+        loops += [(f"lease-{i}", t) for i, t in enumerate(parts.threads if parts else ())]
+        loops.append(("reconcile", core.snapshots.reconcile))
     node = None
     if config.mode.node:
         PublishService.register(store, node_record(config.node_id, config.node_topology,
                                                    config.max_volumes_per_node))
         node_service = NodeService(config=config, store=store, locks=locks)
         node = NodeServicer(service=node_service)
-        keeper = threading.Thread(target=node_service.fences.run, args=(stop_fences,), name="fences", daemon=True)
-        keeper.start()
+        loops.append(("fences", node_service.fences.run))
+    threads = [threading.Thread(target=loop, args=(background,), name=name, daemon=True) for name, loop in loops]
+    for t in threads:
+        t.start()
     identity = IdentityServicer(controller=config.mode.controller, ready=ready.is_set)
     server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node)
     server.start()
@@ -97,8 +142,10 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     stop.wait()
     log.info("stopping")
     server.stop(grace=10).wait()
-    stop_fences.set()
-    if controller is not None:
+    background.set()
+    for t in threads:
+        t.join(timeout=10)
+    if core is not None:
         core.snapshots.close()
     store.close()
     return 0

@@ -44,6 +44,10 @@ class Config:
     copy_bandwidth: int = 0  # bytes/s for host copies, 0 = unlimited
     kube_namespace: str = "kube-system"
     copy_image: str = ""
+    leader_election: bool = False
+    lease_name: str = "csi-virtvol-controller"
+    copy_job: Mapping[str, Any] = field(default_factory=dict)
+    pod_name: str = ""
 
     @property
     def state_path(self) -> str:
@@ -151,4 +155,8 @@ def load_config(*, endpoint: str, data_dir: str, node_id: str, mode: str = "all"
         copy_bandwidth=parse_size(doc.get("copyBandwidth", 0)),
         kube_namespace=str(doc.get("namespace", os.environ.get("POD_NAMESPACE", "kube-system"))),
         copy_image=str(doc.get("copyImage", os.environ.get("VIRTVOL_IMAGE", ""))),
+        leader_election=bool((doc.get("leaderElection") or {}).get("enabled", False)),
+        lease_name=str((doc.get("leaderElection") or {}).get("leaseName", "csi-virtvol-controller")),
+        copy_job=dict(doc.get("copyJob") or {}),
+        pod_name=os.environ.get("POD_NAME", "") or f"{nid}-{os.getpid()}",
     )

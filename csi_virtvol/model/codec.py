@@ -6,7 +6,6 @@ field needs no codec change.  Enums are stored by value, Flags as name lists.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import enum
 import types
 import typing
@@ -39,9 +38,14 @@ def _encode(v: Any) -> Any:
     return v
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:

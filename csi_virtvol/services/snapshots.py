@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from csi_virtvol import errors
 from csi_virtvol.backends.base import require_internal_copy
+from csi_virtvol.config import TOPOLOGY_NODE_KEY
 from csi_virtvol.copy import planner
 from csi_virtvol.model.allocation import ALIGN, Candidate, Layout, LunNamer, plan_extents
 from csi_virtvol.model.array import Ability, LunOrigin, LunState
@@ -35,9 +36,10 @@ from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fen
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
 from csi_virtvol.services import failpoints
+from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
-from csi_virtvol.services.copying import CopyRunner, HostCopy
+from csi_virtvol.copy.runner import CopyRunner, HostCopy
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.services.volumes import CreateVolume, Page, VolumeService, volume_id_for
 from csi_virtvol.store import base as S
@@ -46,6 +48,7 @@ from csi_virtvol.store.base import StateStore
 log = logging.getLogger(__name__)
 
 SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned extents may use"}
+ORPHAN_AGE = 60.0       # a target recorded this long ago with no pair was left by a crash
 FREEZE_WAIT = 30.0      # seconds a node has to hold a published source's writes
 POLL = 0.2
 
@@ -62,7 +65,8 @@ class Progress:
 class SnapshotService:
     def __init__(self, *, store: StateStore, arrays: ArrayPool, locks: KeyedLocks,
                  volumes: VolumeService, runner: CopyRunner, wait: float = 8.0,
-                 bwlimit: Callable[[VirtualVolume], int] = lambda v: 0) -> None:
+                 bwlimit: Callable[[VirtualVolume], int] = lambda v: 0,
+                 events: EventSink | None = None, is_leader: Callable[[], bool] = lambda: True) -> None:
         self._store = store
         self._arrays = arrays
         self._locks = locks
@@ -70,6 +74,8 @@ class SnapshotService:
         self._runner = runner
         self._wait = wait
         self._bwlimit = bwlimit
+        self._events: EventSink = events or LogEvents()
+        self._is_leader = is_leader
         self._workers: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._guard = threading.Lock()
         volumes.set_cloner(self.create_from_source, self.busy_reason, self._discard_locked)
@@ -244,8 +250,10 @@ class SnapshotService:
         failpoints.hit("copy-recorded-volume")
         self._store.create(S.PAIRS, pair)
         failpoints.hit("copy-recorded-pair")
-        log.info("%s %s: copying %s (%s) by %s", kind.value, target_id, source.id, source.name,
-                 ", ".join(f"{m.value}={n}" for m, n in plan.bytes_by_method().items()))
+        how = ", ".join(f"{m.value} {n >> 20} MiB" for m, n in plan.bytes_by_method().items())
+        log.info("%s %s: copying %s (%s) by %s", kind.value, target_id, source.id, source.name, how)
+        self._events.emit(parameters=parameters, reason="CopyStarted",
+                          message=f"copying {source.kind.value} {source.id} into {target_id}: {how}")
         try:
             self._cut(pair.id)
         except errors.VirtvolError as e:
@@ -398,6 +406,8 @@ class SnapshotService:
 
     # -- the worker: host copies with checkpoints ----------------------------
     def _ensure_worker(self, vid: str) -> None:
+        if not self._is_leader():
+            return  # the elected controller's reconcile loop runs it
         with self._guard:
             w = self._workers.get(vid)
             if w is not None and w[0].is_alive():
@@ -446,7 +456,8 @@ class SnapshotService:
         src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
         dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
         job = f"{vid}-{row.index}"
-        copy = HostCopy(job=job, src=src, src_offset=step.source.offset, dst=dst,
+        copy = HostCopy(job=job, pair=vid, index=row.index, node=self._copy_node(step),
+                        src=src, src_offset=step.source.offset, dst=dst,
                         dst_offset=step.target_extent.offset, length=step.length,
                         bwlimit=self._bwlimit(source))
         attempts = 0
@@ -471,6 +482,15 @@ class SnapshotService:
                 log.warning("host copy %s stopped (%s); restarting from its checkpoint", job, st.message)
                 self._runner.start(copy)
         self._runner.cancel(job)
+
+    def _copy_node(self, step: planner.CopyStep) -> str:
+        """A node that reaches both arrays: the one they are pinned to, if any."""
+        nodes = {self._arrays.spec(a).topology.get(TOPOLOGY_NODE_KEY, "")
+                 for a in (step.source.array, step.target_extent.array)} - {""}
+        if len(nodes) > 1:
+            raise errors.UnsupportedCapability(
+                f"no node reaches both array {step.source.array} and array {step.target_extent.array}")
+        return nodes.pop() if nodes else ""
 
     def _set_row(self, vid: str, index: int, *, state: ExtentCopyState | None = None, done: int | None = None) -> None:
         def change(p: Pair) -> Pair:
@@ -505,6 +525,9 @@ class SnapshotService:
             self._store.update(S.VOLUMES, dataclasses.replace(rec.value, state=VolumeState.AVAILABLE),
                                revision=rec.revision)
         log.info("copy into %s complete", vid)
+        if rec is not None:
+            self._events.emit(parameters=rec.value.parameters, reason="CopyComplete",
+                              message=f"{vid} is a complete point-in-time copy of {pair.source}")
 
     def _fail(self, vid: str, reason: str) -> None:
         try:
@@ -517,6 +540,10 @@ class SnapshotService:
             t = dataclasses.replace(p.targets[0], state=PairState.FAILED, reason=reason, ended_at=time.time())
             return dataclasses.replace(p, targets=(t,))
         self._update_pair(vid, failed)
+        rec = self._store.get(S.VOLUMES, vid)
+        if rec is not None:
+            self._events.emit(parameters=rec.value.parameters, reason="CopyFailed",
+                              message=f"copying {pair.source} into {vid} failed: {reason}", warning=True)
 
     # -- DeleteSnapshot, and undoing a copy -----------------------------------
     def delete_snapshot(self, snapshot_id: str) -> None:
@@ -554,11 +581,12 @@ class SnapshotService:
             self._discard(vid)
 
     # -- start-up ---------------------------------------------------------
-    def resume(self) -> None:
+    def resume(self, *, orphan_age: float = ORPHAN_AGE) -> None:
         """After a restart: finish every copy in flight; drop targets whose pair was never written."""
-        pairs = {r.value.id for r in self._store.list(S.PAIRS)}
+        pairs = {str(r.value.id) for r in self._store.list(S.PAIRS)}
         for vrec in self._store.list(S.VOLUMES):
-            if vrec.value.state is VolumeState.COPYING and vrec.value.id not in pairs:
+            stale = time.time() - vrec.value.created_at >= orphan_age
+            if vrec.value.state is VolumeState.COPYING and vrec.value.id not in pairs and stale:
                 log.warning("%s: a copy was recorded but never started; removing it", vrec.value.id)
                 self._volumes.destroy(vrec.value)
         for rec in self._store.list(S.PAIRS):
@@ -571,6 +599,15 @@ class SnapshotService:
                     continue
                 log.info("resuming copy into %s", pair.id)
                 self._ensure_worker(pair.id)
+
+    def reconcile(self, stop: threading.Event, *, period: float = 5.0) -> None:
+        """On the elected controller: keep every copy in flight running."""
+        while not stop.wait(period):
+            if self._is_leader():
+                try:
+                    self.resume()
+                except errors.VirtvolError as e:
+                    log.warning("reconcile: %s", e)
 
     def close(self) -> None:
         for vid in list(self._workers):

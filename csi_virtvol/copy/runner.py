@@ -1,4 +1,4 @@
-"""Running a pair's copy: the seed's volume multiplexing program (150).
+"""How one host-copy step runs: the seed's volume multiplexing program (150).
 
 `CopyRunner` is how one HOST step runs: a local subprocess in standalone mode
 (`LocalCopyRunner`), a Kubernetes Job on a cluster (kube/jobs.py).  Either way
@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostCopy:
-    job: str
+    job: str          # unique per (pair, extent): "<target id>-<extent index>"
+    pair: str
+    index: int
+    node: str         # a node that reaches both LUNs ("" = this host)
     src: str
     src_offset: int
     dst: str
