@@ -11,12 +11,6 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-PVC_NAME = "csi.storage.k8s.io/pvc/name"
-PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
-SNAPSHOT_NAME = "csi.storage.k8s.io/volumesnapshot/name"
-SNAPSHOT_NAMESPACE = "csi.storage.k8s.io/volumesnapshot/namespace"
-
-
 class EventSink(Protocol):
     def emit(self, *, parameters: Mapping[str, str], reason: str, message: str, warning: bool = False) -> None:
         """`parameters` are the CreateVolume/CreateSnapshot parameters, which name the CO object."""
