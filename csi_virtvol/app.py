@@ -101,6 +101,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     from csi_virtvol.csi.controller import ControllerServicer
     from csi_virtvol.csi.identity import IdentityServicer
     from csi_virtvol.csi.node import NodeServicer
+    from csi_virtvol.csi.pairs import PairsServicer
     from csi_virtvol.csi.server import build_server
     from csi_virtvol.services.node import NodeService
 
@@ -110,6 +111,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     ready = threading.Event()
     loops: list[tuple[str, Callable[[threading.Event], None]]] = []
     controller = None
+    pairs = None
     core = None
     if config.mode.controller:
         parts = cluster_parts(config) if config.store == "crd" else None
@@ -117,6 +119,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
                                 events=parts.events if parts else None,
                                 is_leader=parts.is_leader if parts else (lambda: True))
         controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots)
+        pairs = PairsServicer(snapshots=core.snapshots)
         loops += [(f"lease-{i}", t) for i, t in enumerate(parts.threads if parts else ())]
         loops.append(("reconcile", core.snapshots.reconcile))
     node = None
@@ -130,7 +133,8 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     for t in threads:
         t.start()
     identity = IdentityServicer(controller=config.mode.controller, ready=ready.is_set)
-    server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node)
+    server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node,
+                          pairs=pairs)
     server.start()
     ready.set()
     log.info("csi-virtvol serving (mode=%s, node=%s, store=%s, data-dir=%s)",

@@ -77,6 +77,22 @@ def cmd_volume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pair(args: argparse.Namespace) -> int:
+    from csi_virtvol.csi import client as C
+
+    vpb = C.vpb_
+    cl = C.Client(args.endpoint)
+    try:
+        if args.action == "list":
+            out = cl.call(cl.pairs.ListPairs, vpb.ListPairsRequest(source=args.source))
+        else:
+            out = cl.call(cl.pairs.ResyncPair, vpb.ResyncPairRequest(target=args.target))
+    finally:
+        cl.close()
+    print(C.dumps(out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Serve on a temporary data dir and walk one volume through its life."""
     from csi_virtvol import app
@@ -199,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
             pp.add_argument("--block", action="store_true")
             pp.add_argument("--readonly", action="store_true")
     v.set_defaults(func=cmd_volume)
+
+    pr = sub.add_parser("pair", help="the pair table: list pairs, resync a split one")
+    pr.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///run/csi-virtvol/csi.sock"))
+    ps = pr.add_subparsers(dest="action", required=True)
+    ps.add_parser("list").add_argument("--source", default="")
+    ps.add_parser("resync").add_argument("target")
+    pr.set_defaults(func=cmd_pair)
 
     sub.add_parser("copy", help="host copy of extents (what a copy pod runs); see copy --help", add_help=False)
     return p

@@ -18,6 +18,7 @@ Importable without grpc; the main CLI adds it with `add_arguments` + `run`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -99,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sparse", action="store_true", help="write holes and zeros too")
     p.add_argument("--target-zeroed", action="store_true",
                    help="the target range already reads as zeros: skip writing zeros")
+    p.add_argument("--only-changed", action="store_true",
+                   help="resync: read the target too and write only the chunks that differ")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +200,7 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     opts = engine.CopyOptions(
         chunk_size=args.chunk_size, direct=not args.no_direct,
         zero_copy=not args.no_zero_copy, sparse=not args.no_sparse,
-        target_zeroed=args.target_zeroed, verify=args.verify, bwlimit=args.bwlimit,
+        target_zeroed=args.target_zeroed, only_changed=args.only_changed, verify=args.verify, bwlimit=args.bwlimit,
         checkpoint_bytes=args.checkpoint_bytes,
         checkpoint_seconds=(args.checkpoint_seconds if args.checkpoint_seconds is not None
                             else (0.5 if tty and args.progress else 2.0)))
@@ -251,8 +254,28 @@ def _resume_offset(value: str, progress_file: str | None, ident: dict[str, Any])
     return done
 
 
+PARENT_ENV = "VIRTVOL_COPY_PARENT"
+
+
+def die_with_parent() -> None:
+    """A copy started by a controller must not outlive it (its pair record would
+    then have two writers).  The controller names itself in VIRTVOL_COPY_PARENT;
+    the copy asks the kernel for SIGKILL when its parent goes, and checks the
+    parent did not already go between fork and here.  (Done here, not in a
+    preexec_fn: forking a threaded gRPC process through Python code crashes.)"""
+    want = os.environ.get(PARENT_ENV)
+    if not want:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != int(want):
+        os._exit(EXIT_FAILED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; `argv` excludes the program name (and the `copy` word)."""
+    die_with_parent()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

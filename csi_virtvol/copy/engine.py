@@ -79,6 +79,9 @@ class VerifyMismatch(errors.BackendError):
         self.offset = offset
 
 
+RESYNC_GRAIN = 64 * 1024  # a resync compares and rewrites the target in pieces this size
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CopyOptions:
     chunk_size: int = DEFAULT_CHUNK
@@ -87,6 +90,7 @@ class CopyOptions:
     zero_copy: bool = True             # os.copy_file_range for file->file (then no O_DIRECT)
     sparse: bool = True                # skip holes and all-zero chunks
     target_zeroed: bool = False        # the target range already reads as zeros
+    only_changed: bool = False         # resync: read the target too, write only chunks that differ
     verify: bool = False
     bwlimit: int | None = None         # bytes per second (data read), None = unlimited
     checkpoint_bytes: int = 256 * MiB
@@ -101,6 +105,7 @@ class CopyResult:
     bytes_written: int   # data written (or copied in-kernel)
     bytes_zeroed: int    # target bytes punched or zeroed for holes / zero chunks
     bytes_skipped: int   # hole bytes left alone (target already zero there)
+    bytes_unchanged: int  # data bytes left alone because the target held them already (resync)
     direct_read: bool
     direct_write: bool
     zero_copy: bool
@@ -340,8 +345,9 @@ class _Copy:
         self.bucket = (TokenBucket(rate=options.bwlimit, burst=max(options.bwlimit,
                                                                    options.chunk_size),
                                    clock=clock) if options.bwlimit else None)
-        self.written = self.zeroed = self.skipped = 0
+        self.written = self.zeroed = self.skipped = self.unchanged = 0
         self.used_zero_copy = False
+        self.scratch = mmap.mmap(-1, options.chunk_size) if options.only_changed else None
         self.ckpt_pos = resume_from
         self.ckpt_time = clock()
         self.zeros = bytes(options.chunk_size)
@@ -373,6 +379,41 @@ class _Copy:
         return CopyCancelled(f"copy {self.src.path} -> {self.dst.path} cancelled at {done}",
                              bytes_done=done)
 
+    def close(self) -> None:
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
+
+    def _write_changed(self, data: memoryview, pos: int) -> int:
+        """Resync: write only the RESYNC_GRAIN pieces of `data` that the target
+        does not hold already; return the bytes written."""
+        assert self.scratch is not None
+        n = len(data)
+        have = memoryview(self.scratch)[:n]
+        wrote = 0
+        try:
+            _pread_full(self.dst, have, self.do + pos, self.opt.align)
+            if have == data:
+                return 0
+            grain = max(RESYNC_GRAIN, self.opt.align)
+            start = -1
+            for p in range(0, n + grain, grain):
+                differs = p < n and have[p:p + grain] != data[p:p + grain]
+                if differs and start < 0:
+                    start = p
+                elif not differs and start >= 0:
+                    end = min(p, n)
+                    piece = data[start:end]
+                    try:
+                        _pwrite_full(self.dst, piece, self.do + pos + start, self.opt.align)
+                    finally:
+                        piece.release()
+                    wrote += end - start
+                    start = -1
+            return wrote
+        finally:
+            have.release()
+
     # holes ---------------------------------------------------------------------------
 
     def _hole(self, pos: int, n: int) -> None:
@@ -381,6 +422,15 @@ class _Copy:
         if self.opt.target_zeroed or (self.dst.is_file and not _has_data(self.dst.fd, off, n)):
             self.skipped += n
             return
+        if self.scratch is not None and self.dst.is_block and n <= len(self.scratch):
+            have = memoryview(self.scratch)[:n]
+            try:
+                _pread_full(self.dst, have, off, self.opt.align)
+                if self._is_zero(have, n):
+                    self.skipped += n
+                    return
+            finally:
+                have.release()
         self.zeroed += n
         try:
             punch_hole(self.dst.fd, off, n)
@@ -432,7 +482,7 @@ class _Copy:
     # the read/write path -------------------------------------------------------------
 
     def run(self) -> None:
-        if self.opt.zero_copy and self.src.is_file and self.dst.is_file:
+        if self.opt.zero_copy and not self.opt.only_changed and self.src.is_file and self.dst.is_file:
             if self._run_zero_copy():
                 self.used_zero_copy = True
                 return
@@ -492,10 +542,18 @@ class _Copy:
                     assert item.error is not None
                     raise item.error
                 if item.kind == "data":
-                    _pwrite_full(self.dst, views[item.buf][:item.length], self.do + item.pos,
-                                 self.opt.align)
+                    data = views[item.buf][:item.length]
+                    try:
+                        if self.scratch is not None:
+                            wrote = self._write_changed(data, item.pos)
+                            self.written += wrote
+                            self.unchanged += item.length - wrote
+                        else:
+                            _pwrite_full(self.dst, data, self.do + item.pos, self.opt.align)
+                            self.written += item.length
+                    finally:
+                        data.release()
                     free.put(item.buf)
-                    self.written += item.length
                 else:
                     self._hole(item.pos, item.length)
                 done = item.pos + item.length
@@ -627,7 +685,9 @@ def copy_range(
             job.run()
             os.fsync(d.fd)
         except OSError as e:
+            job.close()
             raise errors.BackendError(f"copy {src} -> {dst} failed: {e}") from e
+        job.close()
         if job.ckpt_pos != length:
             job._checkpoint(length)
         direct_read, direct_write = s.direct_used, d.direct_used
@@ -641,7 +701,7 @@ def copy_range(
                 raise errors.BackendError(f"verify {src} -> {dst} failed: {e}") from e
         return CopyResult(
             length=length, resumed_from=resume_from, bytes_written=job.written,
-            bytes_zeroed=job.zeroed, bytes_skipped=job.skipped,
+            bytes_zeroed=job.zeroed, bytes_skipped=job.skipped, bytes_unchanged=job.unchanged,
             direct_read=direct_read, direct_write=direct_write,
             zero_copy=job.used_zero_copy,
             verified=options.verify, seconds=clock() - t0)

@@ -8,17 +8,16 @@ restarted controller resumes each extent where it stopped.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Protocol
 
 from csi_virtvol import errors
+from csi_virtvol.copy.cli import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ class HostCopy:
     dst_offset: int
     length: int
     bwlimit: int = 0
+    only_changed: bool = False  # resync: write only what differs from the target
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +43,7 @@ class JobStatus:
     done: bool
     bytes_done: int
     message: str = ""
+    bytes_written: int = -1  # when done: bytes really written (-1: not known)
 
 
 class CopyRunner(Protocol):
@@ -54,13 +55,6 @@ class CopyRunner(Protocol):
 
     def cancel(self, job: str) -> None:
         """Stop the copy and forget it; stopping what is not running is fine."""
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """A copy must not outlive the controller that owns its pair record."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class LocalCopyRunner:
@@ -84,14 +78,16 @@ class LocalCopyRunner:
         argv = [sys.executable, "-m", "csi_virtvol", "copy",
                 "--src", f"{copy.src}:{copy.src_offset}:{copy.length}",
                 "--dst", f"{copy.dst}:{copy.dst_offset}",
-                "--progress-file", self._progress(copy.job), "--resume-from", "auto"]
+                "--progress-file", self._progress(copy.job), "--resume-from", "auto", "--progress"]
         if copy.bwlimit:
             argv += ["--bwlimit", str(copy.bwlimit)]
+        if copy.only_changed:
+            argv.append("--only-changed")
         with open(self._log(copy.job), "ab") as out:
             try:
                 self._procs[copy.job] = subprocess.Popen(
                     argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent)
+                    env={**os.environ, PARENT_ENV: str(os.getpid())})
             except OSError as e:
                 raise errors.BackendError(f"cannot start host copy {copy.job}: {e}") from e
         log.info("host copy %s started: %s -> %s (%d bytes)", copy.job, copy.src, copy.dst, copy.length)
@@ -112,14 +108,23 @@ class LocalCopyRunner:
         if rc is None:
             return JobStatus(running=True, done=False, bytes_done=done)
         if rc == 0:
-            return JobStatus(running=False, done=True, bytes_done=done)
+            return JobStatus(running=False, done=True, bytes_done=done, bytes_written=self._written(job))
         return JobStatus(running=False, done=False, bytes_done=done,
                          message=f"copy exited with {rc}: {self._tail(job)}")
+
+    def _written(self, job: str) -> int:
+        """bytes_written from the copy's closing JSON line (its "done" event)."""
+        line = self._tail(job)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return -1
+        return int(event.get("bytes_written", -1)) if event.get("event") == "done" else -1
 
     def _tail(self, job: str) -> str:
         try:
             with open(self._log(job), "rb") as fh:
-                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 400))
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 1000))
                 return fh.read().decode(errors="replace").strip().splitlines()[-1]
         except (OSError, IndexError):
             return ""

@@ -12,6 +12,8 @@ from google.protobuf.message import Message
 from csi_virtvol import errors
 from csi_virtvol.csi._gen import csi_pb2 as pb
 from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
+from csi_virtvol.csi._gen import virtvol_pb2 as vpb
+from csi_virtvol.csi._gen import virtvol_pb2_grpc as vrpc
 
 Mode = pb.VolumeCapability.AccessMode.Mode
 
@@ -29,6 +31,7 @@ class Client:
         self.identity = rpc.IdentityStub(self._channel)
         self.controller = rpc.ControllerStub(self._channel)
         self.node = rpc.NodeStub(self._channel)
+        self.pairs = vrpc.PairsStub(self._channel)
         self.timeout = timeout
 
     def close(self) -> None:
@@ -76,3 +79,4 @@ def dumps(data: Any) -> str:
 
 
 pb_ = pb  # re-exported for the CLI, which may not import the stubs itself
+vpb_ = vpb

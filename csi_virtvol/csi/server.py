@@ -10,6 +10,7 @@ import grpc
 
 from csi_virtvol import errors
 from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
+from csi_virtvol.csi._gen import virtvol_pb2_grpc as vrpc
 from csi_virtvol.csi.interceptors import ErrorInterceptor
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def listen_address(endpoint: str) -> str:
 
 
 def build_server(*, endpoint: str, identity: rpc.IdentityServicer, controller: rpc.ControllerServicer | None,
-                 node: rpc.NodeServicer | None, workers: int = 16) -> grpc.Server:
+                 node: rpc.NodeServicer | None, pairs: vrpc.PairsServicer | None = None,
+                 workers: int = 16) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi"),
                          interceptors=[ErrorInterceptor()])
     rpc.add_IdentityServicer_to_server(identity, server)
@@ -43,6 +45,8 @@ def build_server(*, endpoint: str, identity: rpc.IdentityServicer, controller: r
         rpc.add_ControllerServicer_to_server(controller, server)
     if node is not None:
         rpc.add_NodeServicer_to_server(node, server)
+    if pairs is not None:
+        vrpc.add_PairsServicer_to_server(pairs, server)
     address = listen_address(endpoint)
     if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
         raise errors.BackendUnavailable(f"cannot listen on {endpoint}")

@@ -72,6 +72,7 @@ class JobCopyRunner:
             node=copy.node or self._s.default_node,
             src=f"{copy.src}:{copy.src_offset}:{copy.length}", dst=f"{copy.dst}:{copy.dst_offset}",
             pair_id=copy.pair, target=copy.pair, extent_index=copy.index, bwlimit=copy.bwlimit,
+            only_changed=copy.only_changed,
             service_account=self._s.service_account,
             host_paths=tuple(dict.fromkeys(["/dev", os.path.dirname(copy.src), os.path.dirname(copy.dst)])),
             state_dir=self._s.state_dir,

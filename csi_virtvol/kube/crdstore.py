@@ -153,7 +153,8 @@ def _pair_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
         targets.append({
             "volume": t["volume"], "state": t["state"],
             "extents": [{"index": e["index"], "method": e["method"], "state": e["state"],
-                         "bytesTotal": e["bytes_total"], "bytesDone": e["bytes_done"], "message": e["message"]}
+                         "bytesTotal": e["bytes_total"], "bytesDone": e["bytes_done"],
+                          "bytesWritten": e["bytes_written"], "message": e["message"]}
                         for e in t["extents"]],
             "bytesTotal": t_total, "bytesDone": t_done, "startedAt": t["started_at"],
             "endedAt": t["ended_at"], "reason": t["reason"]})

@@ -65,6 +65,7 @@ def build_copy_job(
     resume_from: int | str = "auto",
     bwlimit: int = 0,
     verify: bool = False,
+    only_changed: bool = False,
     service_account: str = "",
     host_paths: Sequence[str] = ("/dev",),
     state_dir: str = STATE_DIR,
@@ -105,6 +106,8 @@ def build_copy_job(
         args += ["--bwlimit", str(bwlimit)]
     if verify:
         args.append("--verify")
+    if only_changed:
+        args.append("--only-changed")
     paths = [p.rstrip("/") or "/" for p in dict.fromkeys([*host_paths, state_dir])]
     volumes = [{"name": f"host-{i}", "hostPath": {"path": p, "type": "DirectoryOrCreate" if p == state_dir
                                                  else "Directory"}} for i, p in enumerate(paths)]

@@ -35,6 +35,7 @@ class ExtentCopy:
     state: ExtentCopyState
     bytes_total: int
     bytes_done: int = 0
+    bytes_written: int = 0  # what the last host copy or resync really wrote (holes and equal data skipped)
     message: str = ""
 
 

@@ -78,6 +78,7 @@ class SnapshotService:
         self._is_leader = is_leader
         self._workers: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._guard = threading.Lock()
+        self._changed = threading.Condition()  # notified when a copy ends, so waiters answer at once
         volumes.set_cloner(self.create_from_source, self.busy_reason, self._discard_locked)
 
     # -- queries -----------------------------------------------------------
@@ -118,7 +119,7 @@ class SnapshotService:
     def busy_reason(self, volume_id: str) -> str:
         """Why `volume_id` cannot be deleted or resized now ("" if it can)."""
         for r in self._store.find(S.PAIRS, index="source", value=volume_id):
-            if r.value.state is PairState.COPYING:
+            if r.value.state in (PairState.COPYING, PairState.RESYNCING):
                 return f"a copy of {volume_id} into {r.value.targets[0].volume} is in progress"
         return ""
 
@@ -164,9 +165,11 @@ class SnapshotService:
             pair = self._store.get(S.PAIRS, vid)
             if pair is not None and pair.value.state is PairState.FAILED:
                 raise errors.BackendError(f"copy into {vid} failed: {pair.value.targets[0].reason}")
-            if rec.value.state is not VolumeState.COPYING or time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if rec.value.state is not VolumeState.COPYING or left <= 0:
                 return rec.value
-            time.sleep(POLL)
+            with self._changed:
+                self._changed.wait(min(POLL, left))
 
     # -- clone / restore (CreateVolume with a content source) --------------
     def create_from_source(self, *, vid: VolumeId, req: CreateVolume, size: int,
@@ -365,7 +368,10 @@ class SnapshotService:
                     continue
 
     def _make_luns(self, source: VirtualVolume, target: VirtualVolume) -> None:
-        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent."""
+        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent.
+        While a pair resyncs its clones are made again (a clone is never updated in place)."""
+        prec = self._store.get(S.PAIRS, target.id)
+        recloning = prec is not None and prec.value.targets[0].state is PairState.RESYNCING
         src_luns = {(e.array, e.lun) for e in source.extents}
         made: set[tuple[ArrayId, LunId]] = set()
         for i, e in enumerate(target.extents):
@@ -376,6 +382,8 @@ class SnapshotService:
             clone_of = self._clone_source(source, target, i)
             if clone_of is not None and (e.array, clone_of) in src_luns:
                 copier = require_internal_copy(driver, self._arrays.info(e.array, fresh=False).abilities)
+                if recloning:
+                    driver.delete_lun(lun_id=e.lun)
                 lun = copier.copy_lun_internal(source=clone_of, name=e.lun)
             else:
                 lun = driver.create_lun(name=e.lun, size=e.length if e.offset == 0 else e.offset + e.length)
@@ -429,6 +437,9 @@ class SnapshotService:
         except Exception as e:  # keep the worker's failure in the record, not only in a log
             log.exception("copy into %s crashed", vid)
             self._fail(vid, f"{type(e).__name__}: {e}")
+        finally:
+            with self._changed:
+                self._changed.notify_all()
 
     def _copy(self, vid: str, stop: threading.Event) -> None:
         pair = self._update_pair(vid, lambda p: p)
@@ -443,23 +454,27 @@ class SnapshotService:
                 continue
             if stop.is_set():
                 return
+            if row.method is CopyMethod.INTERNAL:  # the clone was made at the cut
+                self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total)
+                continue
             if row.method is not CopyMethod.HOST:
                 raise errors.UnsupportedCapability(f"{row.method.value} copy is not available here")
             step = steps[row.index]
-            self._host_copy(vid, row, step, stop, source)
+            resync = pair.targets[0].state is PairState.RESYNCING
+            self._host_copy(vid, row, step, stop, source, only_changed=resync)
         if stop.is_set():
             return
         self._finish(vid)
 
     def _host_copy(self, vid: str, row: ExtentCopy, step: planner.CopyStep, stop: threading.Event,
-                   source: VirtualVolume) -> None:
+                   source: VirtualVolume, *, only_changed: bool = False) -> None:
         src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
         dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
         job = f"{vid}-{row.index}"
         copy = HostCopy(job=job, pair=vid, index=row.index, node=self._copy_node(step),
                         src=src, src_offset=step.source.offset, dst=dst,
                         dst_offset=step.target_extent.offset, length=step.length,
-                        bwlimit=self._bwlimit(source))
+                        bwlimit=self._bwlimit(source), only_changed=only_changed)
         attempts = 0
         self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
         self._runner.start(copy)
@@ -472,7 +487,8 @@ class SnapshotService:
                 if st.bytes_done:
                     failpoints.hit("copy-checkpointed")
             if st.done:
-                self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total)
+                self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total,
+                              written=st.bytes_written)
                 self._runner.cancel(job)  # forget its files
                 return
             if not st.running:
@@ -492,11 +508,13 @@ class SnapshotService:
                 f"no node reaches both array {step.source.array} and array {step.target_extent.array}")
         return nodes.pop() if nodes else ""
 
-    def _set_row(self, vid: str, index: int, *, state: ExtentCopyState | None = None, done: int | None = None) -> None:
+    def _set_row(self, vid: str, index: int, *, state: ExtentCopyState | None = None, done: int | None = None,
+                 written: int = -1) -> None:
         def change(p: Pair) -> Pair:
             t = p.targets[0]
             rows = tuple(dataclasses.replace(r, state=state or r.state,
-                                             bytes_done=r.bytes_done if done is None else done)
+                                             bytes_done=r.bytes_done if done is None else done,
+                                             bytes_written=r.bytes_written if written < 0 else written)
                          if r.index == index else r for r in t.extents)
             return dataclasses.replace(p, targets=(dataclasses.replace(t, extents=rows),))
         self._update_pair(vid, change)
@@ -545,6 +563,56 @@ class SnapshotService:
             self._events.emit(parameters=rec.value.parameters, reason="CopyFailed",
                               message=f"copying {pair.source} into {vid} failed: {reason}", warning=True)
 
+    # -- resync (seed [0090]) ------------------------------------------------------
+    def pairs(self, *, source: str = "") -> list[Pair]:
+        recs = self._store.find(S.PAIRS, index="source", value=source) if source else self._store.list(S.PAIRS)
+        return [r.value for r in recs]
+
+    def resync(self, target_id: str) -> Pair:
+        """Bring a split copy up to the source's present content, writing only what
+        changed: clones are made again (constant time); host-copied extents are
+        compared piece by piece and only differing pieces are written."""
+        if not target_id:
+            raise errors.InvalidRequest("target is required")
+        with self._locks.hold(target_id):
+            rec = self._store.get(S.PAIRS, target_id)
+            if rec is None:
+                raise errors.NotFound(f"no pair has target {target_id}")
+            pair = rec.value
+            if pair.state in (PairState.COPYING, PairState.RESYNCING):
+                return pair  # already on its way
+            if pair.state is PairState.FAILED:
+                raise errors.PreconditionFailed(f"pair {target_id} failed ({pair.targets[0].reason}); "
+                                                "delete its target and copy again")
+            target = self._store_volume(target_id)
+            if target.attachments:
+                raise errors.PreconditionFailed(f"{target_id} is published; unpublish it before a resync")
+            source = self._store_volume(pair.source)
+            if source.state is not VolumeState.AVAILABLE or source.size != _head(target, source.size).size \
+                    or target.size < source.size:
+                raise errors.PreconditionFailed(f"source {pair.source} changed shape; copy it again instead")
+            t = pair.targets[0]
+            rows = tuple(dataclasses.replace(r, state=ExtentCopyState.PENDING, bytes_done=0, bytes_written=0)
+                         for r in t.extents)
+            fresh = dataclasses.replace(pair, fence=Fence.NONE, fence_node="", fence_message="", cut_at=0.0,
+                                        targets=(dataclasses.replace(t, state=PairState.RESYNCING, extents=rows,
+                                                                     started_at=time.time(), ended_at=0.0,
+                                                                     reason=""),))
+            self._store.update(S.PAIRS, fresh, revision=rec.revision)
+            vrec = self._store.get(S.VOLUMES, target_id)
+            if vrec is not None:
+                self._store.update(S.VOLUMES, dataclasses.replace(vrec.value, state=VolumeState.COPYING),
+                                   revision=vrec.revision)
+            log.info("pair %s: resync from %s", target_id, pair.source)
+            try:
+                self._cut(target_id)
+            except errors.VirtvolError as e:
+                self._fail(target_id, f"resync could not cut the image: {e}")
+                raise
+            self._ensure_worker(target_id)
+        self._await(target_id)
+        return self._update_pair(target_id, lambda p: p)
+
     # -- DeleteSnapshot, and undoing a copy -----------------------------------
     def delete_snapshot(self, snapshot_id: str) -> None:
         if not snapshot_id:
@@ -591,7 +659,7 @@ class SnapshotService:
                 self._volumes.destroy(vrec.value)
         for rec in self._store.list(S.PAIRS):
             pair = rec.value
-            if pair.state is PairState.COPYING:
+            if pair.state in (PairState.COPYING, PairState.RESYNCING):
                 target = self._store.get(S.VOLUMES, pair.targets[0].volume)
                 if target is None:
                     self._release(pair)
