@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from csi_virtvol import errors
+from csi_virtvol.copy.sums import Sums
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class VerifyMismatch(errors.BackendError):
         self.offset = offset
 
 
-RESYNC_GRAIN = 64 * 1024  # a resync compares and rewrites the target in pieces this size
+RESYNC_GRAIN = 4096  # a resync compares and rewrites the target in pieces this size (one page)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,7 +91,9 @@ class CopyOptions:
     zero_copy: bool = True             # os.copy_file_range for file->file (then no O_DIRECT)
     sparse: bool = True                # skip holes and all-zero chunks
     target_zeroed: bool = False        # the target range already reads as zeros
-    only_changed: bool = False         # resync: read the target too, write only chunks that differ
+    only_changed: bool = False         # resync: write only the pages that differ from the target
+    checksums: str = ""                # a manifest of the target's page digests (copy/sums.py): with
+                                       # only_changed, read only the source; always kept up to date
     verify: bool = False
     bwlimit: int | None = None         # bytes per second (data read), None = unlimited
     checkpoint_bytes: int = 256 * MiB
@@ -348,6 +351,15 @@ class _Copy:
         self.written = self.zeroed = self.skipped = self.unchanged = 0
         self.used_zero_copy = False
         self.scratch = mmap.mmap(-1, options.chunk_size) if options.only_changed else None
+        self.sums: Sums | None = None
+        self.sums_trusted = False  # the manifest says what the target holds: no need to read it
+        if options.checksums:
+            old = Sums.load(options.checksums, length=length) if options.only_changed else None
+            if old is not None or os.path.exists(options.checksums):
+                # from here on the target changes: a stale manifest must not survive a crash
+                os.unlink(options.checksums)
+            self.sums_trusted = old is not None
+            self.sums = old if old is not None else Sums(length)
         self.ckpt_pos = resume_from
         self.ckpt_time = clock()
         self.zeros = bytes(options.chunk_size)
@@ -482,7 +494,8 @@ class _Copy:
     # the read/write path -------------------------------------------------------------
 
     def run(self) -> None:
-        if self.opt.zero_copy and not self.opt.only_changed and self.src.is_file and self.dst.is_file:
+        if (self.opt.zero_copy and not self.opt.only_changed and not self.opt.checksums
+                and self.src.is_file and self.dst.is_file):
             if self._run_zero_copy():
                 self.used_zero_copy = True
                 return
@@ -544,18 +557,36 @@ class _Copy:
                 if item.kind == "data":
                     data = views[item.buf][:item.length]
                     try:
-                        if self.scratch is not None:
+                        if self.sums is not None and self.sums_trusted:
+                            wrote = 0
+                            for lo, hi in self.sums.update(item.pos, data):
+                                piece = data[lo:hi]
+                                try:
+                                    _pwrite_full(self.dst, piece, self.do + item.pos + lo, self.opt.align)
+                                finally:
+                                    piece.release()
+                                wrote += hi - lo
+                        elif self.scratch is not None:
                             wrote = self._write_changed(data, item.pos)
-                            self.written += wrote
-                            self.unchanged += item.length - wrote
                         else:
                             _pwrite_full(self.dst, data, self.do + item.pos, self.opt.align)
-                            self.written += item.length
+                            wrote = item.length
+                        if self.sums is not None and not self.sums_trusted:
+                            self.sums.update(item.pos, data)
+                        self.written += wrote
+                        self.unchanged += item.length - wrote
                     finally:
                         data.release()
                     free.put(item.buf)
+                elif self.sums is not None and self.sums_trusted:
+                    if self.sums.set_zero(item.pos, item.length):
+                        self._hole(item.pos, item.length)
+                    else:
+                        self.skipped += item.length
                 else:
                     self._hole(item.pos, item.length)
+                    if self.sums is not None:
+                        self.sums.set_zero(item.pos, item.length)
                 done = item.pos + item.length
                 self._advance(done)
             if self.cancel.is_set() and done < self.length:
@@ -690,6 +721,8 @@ def copy_range(
         job.close()
         if job.ckpt_pos != length:
             job._checkpoint(length)
+        if job.sums is not None and (resume_from == 0 or job.sums_trusted):
+            job.sums.save(options.checksums)  # complete: it describes the whole target range
         direct_read, direct_write = s.direct_used, d.direct_used
         if options.verify:
             try:

@@ -35,6 +35,7 @@ class HostCopy:
     length: int
     bwlimit: int = 0
     only_changed: bool = False  # resync: write only what differs from the target
+    checksums: bool = False     # keep a page-digest manifest of the target (snapshot targets only)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +57,9 @@ class CopyRunner(Protocol):
     def cancel(self, job: str) -> None:
         """Stop the copy and forget it; stopping what is not running is fine."""
 
+    def forget(self, job: str) -> None:
+        """Cancel, and drop what outlives a copy (its target's checksum manifest)."""
+
 
 class LocalCopyRunner:
     """Host copies as child processes of this controller (standalone mode)."""
@@ -67,6 +71,9 @@ class LocalCopyRunner:
 
     def _progress(self, job: str) -> str:
         return os.path.join(self._dir, f"{job}.progress.json")
+
+    def _sums(self, job: str) -> str:
+        return os.path.join(self._dir, f"{job}.sums")
 
     def _log(self, job: str) -> str:
         return os.path.join(self._dir, f"{job}.log")
@@ -83,6 +90,8 @@ class LocalCopyRunner:
             argv += ["--bwlimit", str(copy.bwlimit)]
         if copy.only_changed:
             argv.append("--only-changed")
+        if copy.checksums:
+            argv += ["--checksums", self._sums(copy.job)]
         with open(self._log(copy.job), "ab") as out:
             try:
                 self._procs[copy.job] = subprocess.Popen(
@@ -139,6 +148,13 @@ class LocalCopyRunner:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    def forget(self, job: str) -> None:
+        self.cancel(job)
+        try:
+            os.unlink(self._sums(job))
+        except FileNotFoundError:
+            pass
 
     def close(self) -> None:
         for job in list(self._procs):

@@ -72,7 +72,7 @@ class JobCopyRunner:
             node=copy.node or self._s.default_node,
             src=f"{copy.src}:{copy.src_offset}:{copy.length}", dst=f"{copy.dst}:{copy.dst_offset}",
             pair_id=copy.pair, target=copy.pair, extent_index=copy.index, bwlimit=copy.bwlimit,
-            only_changed=copy.only_changed,
+            only_changed=copy.only_changed, checksums=copy.checksums,
             service_account=self._s.service_account,
             host_paths=tuple(dict.fromkeys(["/dev", os.path.dirname(copy.src), os.path.dirname(copy.dst)])),
             state_dir=self._s.state_dir,
@@ -101,6 +101,9 @@ class JobCopyRunner:
 
     def cancel(self, job: str) -> None:
         self._runner.delete(self._name(job))
+
+    def forget(self, job: str) -> None:
+        self.cancel(job)  # a manifest on the node's state dir is left for the node's cleanup
 
     def close(self) -> None:
         pass

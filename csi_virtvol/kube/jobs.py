@@ -66,6 +66,7 @@ def build_copy_job(
     bwlimit: int = 0,
     verify: bool = False,
     only_changed: bool = False,
+    checksums: bool = False,
     service_account: str = "",
     host_paths: Sequence[str] = ("/dev",),
     state_dir: str = STATE_DIR,
@@ -108,6 +109,8 @@ def build_copy_job(
         args.append("--verify")
     if only_changed:
         args.append("--only-changed")
+    if checksums:
+        args += ["--checksums", f"{state_dir}/{name}.sums"]
     paths = [p.rstrip("/") or "/" for p in dict.fromkeys([*host_paths, state_dir])]
     volumes = [{"name": f"host-{i}", "hostPath": {"path": p, "type": "DirectoryOrCreate" if p == state_dir
                                                  else "Directory"}} for i, p in enumerate(paths)]

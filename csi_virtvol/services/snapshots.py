@@ -474,7 +474,10 @@ class SnapshotService:
         copy = HostCopy(job=job, pair=vid, index=row.index, node=self._copy_node(step),
                         src=src, src_offset=step.source.offset, dst=dst,
                         dst_offset=step.target_extent.offset, length=step.length,
-                        bwlimit=self._bwlimit(source), only_changed=only_changed)
+                        bwlimit=self._bwlimit(source), only_changed=only_changed,
+                        # a snapshot is never written by anyone else, so a manifest of its pages
+                        # stays true: later resyncs then read only the source
+                        checksums=only_changed and vid.startswith("vs-"))
         attempts = 0
         self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
         self._runner.start(copy)
@@ -636,7 +639,7 @@ class SnapshotService:
         pair = self._store.get(S.PAIRS, vid)
         if pair is not None:
             for row in pair.value.targets[0].extents:
-                self._runner.cancel(f"{vid}-{row.index}")
+                self._runner.forget(f"{vid}-{row.index}")
             self._release(pair.value)
         vol = self._store.get(S.VOLUMES, vid)
         if vol is not None:

@@ -55,3 +55,50 @@ def test_plain_copy_rewrites_everything(tmp_path: Path) -> None:
     src, dst, _ = _changed_copy(tmp_path, 20)
     res = copy_range(src=str(src), dst=str(dst), options=CopyOptions(zero_copy=False))
     assert res.bytes_written == 32 * MiB and res.bytes_unchanged == 0
+
+
+def test_a_manifest_lets_resync_skip_reading_the_target(tmp_path: Path) -> None:
+    src, dst, touched = _changed_copy(tmp_path, 0)
+    sums = str(tmp_path / "dst.sums")
+    first = copy_range(src=str(src), dst=str(dst), options=CopyOptions(only_changed=True, checksums=sums))
+    assert first.bytes_written == 0 and os.path.exists(sums)  # compare mode built the manifest
+    fd = os.open(src, os.O_RDWR)
+    try:
+        for off in (0, 5 * MiB, 31 * MiB):
+            os.pwrite(fd, os.urandom(4096), off)
+    finally:
+        os.close(fd)
+    # damage the target behind the manifest's back: a trusted manifest means the target is not read
+    with open(dst, "r+b") as f:
+        f.seek(10 * MiB)
+        f.write(b"x" * 4096)
+    res = copy_range(src=str(src), dst=str(dst), options=CopyOptions(only_changed=True, checksums=sums))
+    assert res.bytes_written == 3 * 4096
+    assert src.read_bytes()[:10 * MiB] == dst.read_bytes()[:10 * MiB]
+    assert dst.read_bytes()[10 * MiB:10 * MiB + 4096] == b"x" * 4096  # not read, so not seen
+    # without the manifest the comparison finds it
+    os.unlink(sums)
+    fix = copy_range(src=str(src), dst=str(dst), options=CopyOptions(only_changed=True))
+    assert fix.bytes_written == 4096 and src.read_bytes() == dst.read_bytes()
+
+
+def test_an_interrupted_resync_leaves_no_manifest(tmp_path: Path) -> None:
+    import threading
+
+    from csi_virtvol.copy.engine import CopyCancelled
+
+    src, dst, _ = _changed_copy(tmp_path, 0)
+    sums = str(tmp_path / "dst.sums")
+    copy_range(src=str(src), dst=str(dst), options=CopyOptions(only_changed=True, checksums=sums))
+    src.write_bytes(os.urandom(32 * MiB))
+    stop = threading.Event()
+
+    def progress(done: int) -> None:
+        stop.set()
+
+    try:
+        copy_range(src=str(src), dst=str(dst), on_progress=progress, cancel=stop,
+                   options=CopyOptions(only_changed=True, checksums=sums, checkpoint_bytes=4 * MiB))
+    except CopyCancelled:
+        pass
+    assert not os.path.exists(sums)  # half-resynced: the old manifest would lie

@@ -51,6 +51,14 @@ def test_resync_writes_about_what_changed(plugin: Plugin) -> None:
     host = [e for e in done.extents if e.method == "host"][0]
     assert host.bytes_written == len(grains) * RESYNC_GRAIN  # about N blocks, not 64 MiB
     assert volume_bytes(plugin, snap.snapshot_id) == now
+    # the first resync compared the target and left a page manifest; the next reads only the source
+    sums = list((plugin.data_dir / "copies").glob(f"{snap.snapshot_id}-*.sums"))
+    assert len(sums) == 1
+    with open(slow, "r+b") as f:
+        f.write(os.urandom(8192))  # two pages
+    again = pairs.ResyncPair(vpb.ResyncPairRequest(target=snap.snapshot_id)).pair
+    assert [e.bytes_written for e in again.extents if e.method == "host"] == [8192]
+    assert volume_bytes(plugin, snap.snapshot_id) == volume_bytes(plugin, src.volume_id)
 
     # a pair being resynced, or with a published target, or unknown, is refused clearly
     with pytest.raises(grpc.RpcError) as e:
