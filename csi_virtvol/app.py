@@ -32,7 +32,7 @@ def open_store(config: Config) -> StateStore:
     if config.store == "crd":
         from csi_virtvol.kube import crdstore
 
-        return crdstore.CrdStore(crdstore.api_client())
+        return crdstore.CrdStore(crdstore.api_client(host=config.kube_api or None))
     raise errors.InvalidRequest(f"unknown store {config.store!r}: use sqlite or crd")
 
 
@@ -79,7 +79,7 @@ def cluster_parts(config: Config) -> ClusterParts:
     """On Kubernetes: copy Jobs, Events, and a Lease so one replica runs the copies."""
     from csi_virtvol.kube import copyrunner, crdstore, events, jobs, lease, sink
 
-    api = crdstore.api_client()
+    api = crdstore.api_client(host=config.kube_api or None)
     settings = copyrunner.JobSettings.from_config(config.copy_job, namespace=config.kube_namespace,
                                                   image=config.copy_image, node=config.node_id)
     runner = copyrunner.JobCopyRunner(jobs.JobRunner(api, namespace=config.kube_namespace), settings)

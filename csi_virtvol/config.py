@@ -48,6 +48,7 @@ class Config:
     lease_name: str = "csi-virtvol-controller"
     copy_job: Mapping[str, Any] = field(default_factory=dict)
     pod_name: str = ""
+    kube_api: str = ""  # an API server URL (no auth): out-of-cluster use and tests; "" = in-cluster/kubeconfig
 
     @property
     def state_path(self) -> str:
@@ -159,4 +160,5 @@ def load_config(*, endpoint: str, data_dir: str, node_id: str, mode: str = "all"
         lease_name=str((doc.get("leaderElection") or {}).get("leaseName", "csi-virtvol-controller")),
         copy_job=dict(doc.get("copyJob") or {}),
         pod_name=os.environ.get("POD_NAME", "") or f"{nid}-{os.getpid()}",
+        kube_api=str(doc.get("kubeApi", "")),
     )

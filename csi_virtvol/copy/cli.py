@@ -159,6 +159,7 @@ class _Reporter:
 def write_progress_file(path: str, data: dict[str, Any]) -> None:
     """Replace `path` atomically (write, fsync, rename)."""
     tmp = f"{path}.tmp.{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f)
         f.flush()

@@ -60,6 +60,9 @@ class CopyRunner(Protocol):
     def forget(self, job: str) -> None:
         """Cancel, and drop what outlives a copy (its target's checksum manifest)."""
 
+    def finished(self, job: str) -> None:
+        """The step succeeded and its result is recorded: tidy up what only served it."""
+
 
 class LocalCopyRunner:
     """Host copies as child processes of this controller (standalone mode)."""
@@ -148,6 +151,9 @@ class LocalCopyRunner:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    def finished(self, job: str) -> None:
+        self.cancel(job)  # a finished child: its progress file and log are no longer needed
 
     def forget(self, job: str) -> None:
         self.cancel(job)

@@ -102,6 +102,9 @@ class JobCopyRunner:
     def cancel(self, job: str) -> None:
         self._runner.delete(self._name(job))
 
+    def finished(self, job: str) -> None:
+        pass  # the Job stays for `kubectl get jobs` until its ttlSecondsAfterFinished
+
     def forget(self, job: str) -> None:
         self.cancel(job)  # a manifest on the node's state dir is left for the node's cleanup
 

@@ -492,7 +492,7 @@ class SnapshotService:
             if st.done:
                 self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total,
                               written=st.bytes_written)
-                self._runner.cancel(job)  # forget its files
+                self._runner.finished(job)
                 return
             if not st.running:
                 attempts += 1

@@ -359,6 +359,11 @@ class VolumeService:
             rev = self._store.update(S.VOLUMES, vol, revision=rev)
         for e in vol.extents:
             self._free_extent(vol.id, e)
+        # pair dissolution (seed [0084]): the pair this volume is the copy of goes, and so do the
+        # split pairs it is the source of (their copies stay, as static images)
+        self._store.delete(S.PAIRS, vol.id)
+        for rec in self._store.find(S.PAIRS, index="source", value=vol.id):
+            self._store.delete(S.PAIRS, rec.value.id)
         self._store.delete(S.VOLUMES, vol.id)
         log.info("%s %s (%s) deleted; %d LUN(s) freed", vol.kind.value, vol.id, vol.name, len(vol.extents))
 

@@ -149,6 +149,15 @@ def test_clone_and_restore_into_another_array_are_identical(plugin: Plugin) -> N
     bigger = create_volume(plugin, 96 * MiB, source=snap_source(snap.snapshot_id), arrays="slow")
     got = volume_bytes(plugin, bigger.volume_id)
     assert len(got) == 96 * MiB and got[:64 * MiB] == data and got[64 * MiB:] == bytes(32 * MiB)
+    # deleting a copy dissolves its pair; deleting the source dissolves the rest
+    assert plugin.records()["pairs"] == 3
+    plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=clone.volume_id))
+    assert plugin.records()["pairs"] == 2
+    plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=src.volume_id))
+    assert plugin.records()["pairs"] == 1  # the restore's pair: its source, the snapshot, is still here
+    assert volume_bytes(plugin, snap.snapshot_id) == data  # the copies stay
+    plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=bigger.volume_id))
+    assert plugin.records()["pairs"] == 0
 
 
 def test_publish_waits_while_a_host_copy_reads_the_source(plugin: Plugin) -> None:

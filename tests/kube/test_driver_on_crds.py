@@ -1,0 +1,158 @@
+"""The whole driver in its cluster shape, against the fake API server.
+
+The plugin runs with the CRD store, copy Jobs, Events and a Lease, over real
+file pools (reflink XFS and ext4).  A stand-in kubelet runs each copy Job's
+container command on this host, as a node would, and reports its log and
+outcome.  A PVC-like volume, a snapshot that needs a host copy, and a clone
+are made through CSI; the VirtualVolume and VolumePair objects are then read
+as `kubectl get` would.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from csi_virtvol import app
+from csi_virtvol.config import load_config
+from csi_virtvol.csi._gen import csi_pb2 as pb
+from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
+from fakeapi import FakeApiServer
+
+MiB = 1 << 20
+NS = "csi-virtvol"
+GROUP = "virtvol.csi.example.org"
+pytestmark = pytest.mark.root
+
+
+def kubelet(api: FakeApiServer, stop: threading.Event) -> None:
+    """Run every copy Job's container once, locally, and report it like a kubelet."""
+    seen: set[str] = set()
+    while not stop.wait(0.1):
+        for job in api.objects("batch", "jobs", NS):
+            name = job["metadata"]["name"]
+            if name in seen:
+                continue
+            seen.add(name)
+            spec = job["spec"]["template"]["spec"]
+            c = spec["containers"][0]
+            assert c["command"] == ["csi-virtvol"]
+            for v in spec["volumes"]:  # what the kubelet does for hostPath volumes
+                if v["hostPath"].get("type") == "DirectoryOrCreate":
+                    Path(v["hostPath"]["path"]).mkdir(parents=True, exist_ok=True)
+                else:
+                    assert Path(v["hostPath"]["path"]).is_dir(), v
+            api.put("", "pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                "name": f"{name}-p", "namespace": NS, "labels": {"batch.kubernetes.io/job-name": name}},
+                "spec": {"containers": [{"name": "copy", "image": c["image"]}]}}, NS)
+            api.set_status("batch", "jobs", name, {"active": 1}, NS)
+            run = subprocess.run([sys.executable, "-m", "csi_virtvol", *c["args"]], capture_output=True, text=True)
+            api.set_pod_log(NS, f"{name}-p", run.stdout)
+            if run.returncode == 0:
+                api.set_status("batch", "jobs", name, {"succeeded": 1, "conditions": [
+                    {"type": "Complete", "status": "True"}]}, NS)
+            else:
+                api.set_status("batch", "jobs", name, {"failed": 1, "conditions": [
+                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                     "message": run.stderr[-300:]}]}, NS)
+
+
+@pytest.fixture
+def cluster(fake_api: FakeApiServer, xfs_mount: Path, ext4_mount: Path,
+            tmp_path: Path) -> Iterator[tuple[FakeApiServer, rpc.ControllerStub]]:
+    tag = uuid.uuid4().hex[:8]
+    cfg = tmp_path / "controller.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "store": "crd", "kubeApi": fake_api.url, "namespace": NS, "copyImage": "csi-virtvol:test",
+        "leaderElection": {"enabled": True, "leaseName": "csi-virtvol-controller"},
+        "copyJob": {"serviceAccountName": "csi-virtvol-copy", "hostDataDir": str(tmp_path / "host")},
+        "arrays": [
+            {"id": "fast", "kind": "file", "params": {"path": str(xfs_mount / f"kf-{tag}"), "capacity": "256Mi"}},
+            {"id": "slow", "kind": "file", "params": {"path": str(ext4_mount / f"ks-{tag}"), "capacity": "256Mi"}},
+        ]}))
+    sock = f"/tmp/virtvol-k8s-{tag}.sock"
+    config = load_config(endpoint=f"unix://{sock}", data_dir=str(tmp_path / "data"), node_id="node-1",
+                         mode="all", config_file=str(cfg))
+    stop, kstop = threading.Event(), threading.Event()
+    server = threading.Thread(target=app.serve, args=(config,), kwargs={"stop": stop}, daemon=True)
+    server.start()
+    kube = threading.Thread(target=kubelet, args=(fake_api, kstop), daemon=True)
+    kube.start()
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    try:
+        yield fake_api, rpc.ControllerStub(channel)
+    finally:
+        channel.close()
+        stop.set()
+        kstop.set()
+        server.join(timeout=30)
+        kube.join(timeout=30)
+
+
+def _until(fn: Any, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            if e.code() is not grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                raise
+        time.sleep(0.3)
+
+
+def test_volume_snapshot_and_clone_on_crds(cluster: tuple[FakeApiServer, rpc.ControllerStub]) -> None:
+    api, ctl = cluster
+    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(
+        mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER), mount=pb.VolumeCapability.MountVolume())
+    vol = ctl.CreateVolume(pb.CreateVolumeRequest(
+        name="pvc-1", capacity_range=pb.CapacityRange(required_bytes=320 * MiB), volume_capabilities=[cap],
+        parameters={"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/pvc/namespace": "default"})).volume
+    vvs = {o["spec"]["name"]: o for o in api.objects(GROUP, "virtualvolumes")}
+    assert vvs["pvc-1"]["status"]["state"] == "available"
+    assert [e["array"] for e in vvs["pvc-1"]["spec"]["extents"]] == ["fast", "slow"]
+
+    deadline = time.monotonic() + 90
+    while True:
+        snap = ctl.CreateSnapshot(pb.CreateSnapshotRequest(name="snapshot-1", source_volume_id=vol.volume_id,
+            parameters={"csi.storage.k8s.io/volumesnapshot/name": "snap",
+                        "csi.storage.k8s.io/volumesnapshot/namespace": "default"})).snapshot
+        if snap.ready_to_use or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert snap.ready_to_use
+    jobs = api.objects("batch", "jobs", NS)
+    assert len(jobs) == 1, "the ext4 extent is copied by one copy Job"
+    pairs = api.objects(GROUP, "volumepairs")
+    assert len(pairs) == 1
+    vp = pairs[0]
+    assert vp["spec"]["source"] == vol.volume_id and vp["spec"]["targets"] == [snap.snapshot_id]
+    assert vp["status"]["state"] == "split" and vp["status"]["progress"] == "100%"
+    assert vp["status"]["methods"] == "internal,host"
+    reasons = {e.get("reason") for e in api.objects("events.k8s.io", "events", "default")}
+    assert {"CopyStarted", "CopyComplete"} <= reasons
+    assert api.find("coordination.k8s.io", "leases", "csi-virtvol-controller", NS) is not None
+
+    clone = _until(lambda: ctl.CreateVolume(pb.CreateVolumeRequest(
+        name="pvc-2", capacity_range=pb.CapacityRange(required_bytes=320 * MiB), volume_capabilities=[cap],
+        volume_content_source=pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)))).volume)
+    assert clone.content_source.snapshot.snapshot_id == snap.snapshot_id
+    assert len(api.objects(GROUP, "volumepairs")) == 2
+
+    ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=clone.volume_id))
+    ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    left = [o["metadata"]["name"] for o in api.objects(GROUP, "virtualvolumes")]
+    assert left == [] and api.objects(GROUP, "volumepairs") == [] and api.objects(GROUP, "physicalvolumes") == []
+    print(json.dumps(vp["status"], indent=1)[:400])
