@@ -216,7 +216,7 @@ def test_storageclass_parameters_are_ones_the_driver_accepts(render: Callable[..
     docs = load_docs(render(*VARIANTS[variant]))
     sc = one(docs, "StorageClass")
     assert sc["provisioner"] == GROUP and sc["allowVolumeExpansion"] is True
-    assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    assert sc["volumeBindingMode"] == "Immediate"
     assert sc["parameters"]["csi.storage.k8s.io/fstype"] in ("ext4", "xfs")
     p = placement(sc["parameters"])
     arrays = {a["metadata"]["name"] for a in by_kind(docs, "StorageArray")}
