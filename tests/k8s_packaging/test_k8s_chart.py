@@ -281,7 +281,9 @@ def test_node_rbac_is_read_mostly(default_docs: list[Doc]) -> None:
     r = rules_for(default_docs, "csi-virtvol-node")
     writes = {(g, res) for rule in r for g in rule["apiGroups"] for res in rule["resources"]
               if set(rule["verbs"]) & {"create", "update", "patch", "delete"}}
-    assert writes <= {(GROUP, "virtvolnodes"), (GROUP, "virtvolnodes/status"), (GROUP, "volumepairs/status")}
+    # its own registration, and the answer to a pair's freeze request (fence protocol)
+    assert writes <= {(GROUP, "virtvolnodes"), (GROUP, "virtvolnodes/status"), (GROUP, "volumepairs"),
+                      (GROUP, "volumepairs/status")}
     assert allowed(r, GROUP, "virtualvolumes", "get") and not allowed(r, GROUP, "virtualvolumes", "delete")
     assert not allowed(r, "", "persistentvolumes", "get")
 
