@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import mmap
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,16 +50,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(ROOT), str(BENCH)]
 
-import grpc  # noqa: E402
-import yaml  # noqa: E402
-
+from _common import Plugin, arg_parser, describe_fs, machine_facts, mount_cap, sh  # noqa: E402
 from csi_virtvol.csi._gen import csi_pb2 as pb  # noqa: E402
-from csi_virtvol.csi._gen import csi_pb2_grpc as rpc  # noqa: E402
 from csi_virtvol.store import base as S  # noqa: E402
-from csi_virtvol.store.sqlite import SqliteStore  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -72,13 +66,6 @@ SNAPSHOT_TIMEOUT = 3600.0
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def sh(*argv: str) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()}")
-    return p.stdout.strip()
-
 
 def cold() -> None:
     """Everything written is on disk and nothing is cached."""
@@ -92,20 +79,6 @@ def timed(*argv: str) -> float:
     t = time.perf_counter()
     sh(*argv)
     return time.perf_counter() - t
-
-
-def describe_fs(path: Path) -> str:
-    """'ext4 /dev/vda (rw,relatime)' for the mount holding `path`."""
-    best = ("?", "?", "?", "")
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            mp = fields[4].replace("\\040", " ")
-            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[3]):
-                best = (rfields[0], rfields[1], fields[5], mp)
-    return f"{best[0]} {best[1]} ({best[2]})"
 
 
 @dataclass
@@ -153,69 +126,6 @@ def loop_fs(kind: str, work: Path, size: int) -> Iterator[Fs]:
             sh("mount", "-t", "ext4", "-o", "noinit_itable", dev, str(mnt))
         stack.callback(lambda: subprocess.run(["umount", str(mnt)], check=False))
         yield Fs(kind=kind, mnt=mnt, dev=dev, direct_io=direct, image_size=size)
-
-
-# ---- the plugin ------------------------------------------------------------------------------
-
-class Plugin:
-    def __init__(self, *, work: Path, pools: dict[str, Path]) -> None:
-        self.sock = f"/tmp/virtvol-snapbench-{uuid.uuid4().hex[:10]}.sock"
-        self.data = work / "data"
-        self.log = work / "server.log"
-        cfg = work / "config.yaml"
-        cfg.write_text(yaml.safe_dump({"arrays": [
-            {"id": name, "kind": "file", "params": {"path": str(path)}, "labels": {}}
-            for name, path in pools.items()]}))
-        exe = ROOT / ".venv" / "bin" / "csi-virtvol"
-        argv = [str(exe) if exe.exists() else "csi-virtvol", "serve", "--endpoint", f"unix://{self.sock}",
-                "--data-dir", str(self.data), "--node-id", "n1", "--config", str(cfg)]
-        self._logf = open(self.log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._logf, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=60)
-        except grpc.FutureTimeoutError:
-            self.close()
-            raise SystemExit(f"plugin did not start; log:\n{self.log_tail()}")
-        self.identity = rpc.IdentityStub(self.channel)
-        self.controller = rpc.ControllerStub(self.channel)
-        deadline = time.monotonic() + 30
-        while not self.identity.Probe(pb.ProbeRequest()).ready.value:
-            if time.monotonic() > deadline:
-                raise SystemExit("plugin never became ready")
-            time.sleep(0.05)
-
-    def log_tail(self, n: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise SystemExit(f"plugin exited with {self.proc.returncode}; log:\n{self.log_tail()}")
-
-    def store(self) -> SqliteStore:
-        return SqliteStore(str(self.data / "state.db"), readonly=True)
-
-    def close(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._logf.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock)
-
-
-def mount_cap() -> pb.VolumeCapability:
-    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(
-        mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
-    cap.mount.fs_type = "ext4"
-    return cap
 
 
 # ---- one measurement -------------------------------------------------------------------------
@@ -349,25 +259,7 @@ def measure(plugin: Plugin, fs: Fs, size: int, *, xfs_dd: bool) -> Row:
 # ---- report ----------------------------------------------------------------------------------
 
 def facts(work: Path, fss: list[Fs], sizes: list[int], note: str) -> list[str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) // 1024 // 1024} GiB"
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip() or "?"
-    out = [
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}, {mem} RAM",
-        f"- kernel: {platform.release()}; {platform.freedesktop_os_release().get('PRETTY_NAME', '?')}",
-        f"- python {platform.python_version()}, grpcio {grpc.__version__}, csi-virtvol at {commit}",
-    ]
+    out = machine_facts()
     out += [f"- pool `{fs.kind}`: {fs.describe(work)}" for fs in fss]
     out += [
         f"- plugin state (sqlite): {describe_fs(work)}",
@@ -395,12 +287,11 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 1,2 GiB")
+    ap = arg_parser(__doc__, quick_help="sizes 1,2 GiB",
+                    dir_help="where the images and plugin state go (a real disk)")
     ap.add_argument("--sizes", default="", help="comma-separated GiB (default 1,4,16; --quick 1,2)")
     ap.add_argument("--xfs-dd", action="store_true",
                     help="also time dd on the XFS pool (what a host copy would cost there; +~40%% runtime)")
-    ap.add_argument("--dir", default="/var/tmp", help="where the images and plugin state go (a real disk)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: loop devices, mkfs, mount, drop_caches")
@@ -426,7 +317,7 @@ def main() -> int:
     try:
         with loop_fs("xfs", work, image) as xfs, loop_fs("ext4", work, image) as ext4:
             fss = [xfs, ext4]
-            plugin = Plugin(work=work, pools={fs.kind: fs.pool for fs in fss})
+            plugin = Plugin(work=work, arrays={fs.kind: fs.pool for fs in fss}, sock_prefix="virtvol-snapbench")
             try:
                 for size in sizes:
                     for fs in fss:

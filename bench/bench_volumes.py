@@ -36,12 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
 import os
-import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,14 +50,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(ROOT), str(BENCH)]
 
 import grpc  # noqa: E402
-import yaml  # noqa: E402
 
+from _common import Plugin, arg_parser, describe_fs, machine_facts, mount_cap, sh  # noqa: E402
 from csi_virtvol.csi._gen import csi_pb2 as pb  # noqa: E402
-from csi_virtvol.csi._gen import csi_pb2_grpc as rpc  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -141,64 +138,7 @@ def run_clients(n: int, clients: int, call: Callable[[int], None]) -> tuple[list
     return lat, wall
 
 
-# ---- the plugin ----------------------------------------------------------------------------
-
-class Plugin:
-    def __init__(self, *, work: Path, pool: Path) -> None:
-        self.sock = f"/tmp/virtvol-bench-{uuid.uuid4().hex[:10]}.sock"
-        self.data = work / "data"
-        self.log = work / "server.log"
-        cfg = work / "config.yaml"
-        cfg.write_text(yaml.safe_dump({"arrays": [
-            {"id": POOL, "kind": "file", "params": {"path": str(pool)}, "labels": {"bench": "yes"}}]}))
-        exe = ROOT / ".venv" / "bin" / "csi-virtvol"
-        argv = [str(exe) if exe.exists() else "csi-virtvol", "serve", "--endpoint", f"unix://{self.sock}",
-                "--data-dir", str(self.data), "--node-id", "bench-node", "--config", str(cfg)]
-        self._logf = open(self.log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._logf, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=60)
-        except grpc.FutureTimeoutError:
-            self.close()
-            raise SystemExit(f"plugin did not start; log:\n{self.log_tail()}")
-        self.identity = rpc.IdentityStub(self.channel)
-        self.controller = rpc.ControllerStub(self.channel)
-        deadline = time.monotonic() + 30
-        while not self.identity.Probe(pb.ProbeRequest()).ready.value:
-            if time.monotonic() > deadline:
-                raise SystemExit("plugin never became ready")
-            time.sleep(0.05)
-
-    def log_tail(self, n: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise SystemExit(f"plugin exited with {self.proc.returncode}; log:\n{self.log_tail()}")
-
-    def close(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._logf.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock)
-
-
-def mount_cap() -> pb.VolumeCapability:
-    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(
-        mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
-    cap.mount.fs_type = "ext4"
-    return cap
-
+# ---- the scenarios ------------------------------------------------------------------------
 
 def lun_files(pool: Path) -> list[str]:
     luns = pool / "luns"
@@ -298,13 +238,6 @@ def raw_scenario(root: Path, *, n: int, size: int, extents: int, clients: int) -
 
 # ---- filesystems and facts -------------------------------------------------------------------
 
-def sh(*argv: str) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()}")
-    return p.stdout.strip()
-
-
 @contextlib.contextmanager
 def pool_filesystem(kind: str, work: Path, need: int) -> Iterator[tuple[Path, str]]:
     """Yield (directory for pools, description)."""
@@ -331,39 +264,8 @@ def pool_filesystem(kind: str, work: Path, need: int) -> Iterator[tuple[Path, st
                     f"on {describe_fs(work)}")
 
 
-def describe_fs(path: Path) -> str:
-    """'ext4 /dev/vda (rw,relatime)' for the mount holding `path`."""
-    best = ("?", "?", "?", "")
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            mp = fields[4].replace("\\040", " ")
-            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[3]):
-                best = (rfields[0], rfields[1], fields[5], mp)
-    return f"{best[0]} {best[1]} ({best[2]})"
-
-
 def facts(pool_desc: str, state_dir: Path, args: argparse.Namespace, n: int) -> list[str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) // 1024 // 1024} GiB"
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip() or "?"
-    return [
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}, {mem} RAM",
-        f"- kernel: {platform.release()}; {platform.freedesktop_os_release().get('PRETTY_NAME', '?')}",
-        f"- python {platform.python_version()}, grpcio {grpc.__version__}, csi-virtvol at {commit}",
+    return machine_facts() + [
         f"- pool filesystem: {pool_desc}",
         f"- plugin state (sqlite, WAL, synchronous=FULL): {describe_fs(state_dir)}",
         f"- per scenario: {n} volumes of {args.size_mib} MiB (sparse), created then deleted; "
@@ -400,15 +302,14 @@ def table(results: Sequence[Result]) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="50 volumes per scenario, fewer probes")
+    ap = arg_parser(__doc__, quick_help="50 volumes per scenario, fewer probes",
+                    dir_help="work directory parent (a real disk)")
     ap.add_argument("--volumes", type=int, default=0, help="volumes per scenario (default 200, 50 quick)")
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--extents", type=int, default=4, help="extents of the concat variant")
     ap.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
     ap.add_argument("--fs", choices=("xfs", "disk"), default="xfs",
                     help="pool on XFS over a loop device (default) or a plain directory on --dir")
-    ap.add_argument("--dir", default="/var/tmp", help="work directory parent (a real disk)")
     args = ap.parse_args()
     n = args.volumes or (50 if args.quick else 200)
     probes = 500 if args.quick else 2000
@@ -422,7 +323,8 @@ def main() -> int:
     try:
         with pool_filesystem(args.fs, work, n * size) as (fsdir, fs_desc):
             pool = fsdir / "pools" / POOL
-            plugin = Plugin(work=work, pool=pool)
+            plugin = Plugin(work=work, arrays={POOL: pool}, labels={"bench": "yes"},
+                            sock_prefix="virtvol-bench")
             try:
                 for _ in range(50):
                     plugin.identity.Probe(pb.ProbeRequest())
