@@ -333,8 +333,9 @@ def main() -> int:
         print("""
 - snapshot s: first CreateSnapshot sent until a call answers ready_to_use (calls = how many;
   each call is held by the plugin for up to 8 s, so this is the driver's latency, not an
-  external-snapshotter's backoff).  Page cache dropped before it.  The plugin checks its
-  copy every 0.2 s, so an internal copy's snapshot s cannot drop below about 0.2.
+  external-snapshotter's backoff).  Page cache dropped before it.  The call returns as soon
+  as the copy ends (the worker wakes it), so an internal copy's snapshot s is the clone plus
+  the RPC and store writes.
 - pair methods: per-extent copy methods and final state of the pair record in state.db;
   pair copy s = the pair's ended_at - started_at (the copy alone, without the RPC, the cut
   and the store writes before it).
