@@ -75,11 +75,16 @@ class NodeService:
         if reason:
             raise errors.UnsupportedCapability(reason)
         with self._locks.hold(volume_id):
+            # The store's layout is the truth: publish_context was fixed at ControllerPublish and
+            # a CO does not publish again after ControllerExpandVolume, so it can be stale.
+            rec = self._store.get(S.VOLUMES, volume_id)
             given = extents_from_context(publish_context)
-            if given is not None:
+            if rec is not None and rec.value.kind is VolumeKind.VOLUME:
+                extents = self._backing(rec.value)
+            elif given is not None:
                 extents = [BackingExtent(path=p, offset=o, length=n) for p, o, n in given]
             else:
-                extents = self._backing(self._volume(volume_id))
+                raise errors.NotFound(f"volume {volume_id} does not exist")
             access: node_stager.Access = "block" if capability.access_type is AccessType.BLOCK else "mount"
             size = sum(e.length for e in extents)
             if access == "mount" and capability.fs_type == "xfs" and size < XFS_MIN_SIZE \

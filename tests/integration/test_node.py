@@ -104,7 +104,8 @@ def test_volume_larger_than_any_array_full_lifecycle(plugin: Plugin, tmp_path: P
     plugin.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)))
     plugin.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging)))
     assert not _mounted(staging) and not target.exists()
-    ctx = _publish(plugin, vid, cap)
+    # stage again with the publish_context from before the expansion, as kubelet does: the
+    # node must assemble the grown volume all the same
     plugin.node.NodeStageVolume(pb.NodeStageVolumeRequest(
         volume_id=vid, staging_target_path=str(staging), volume_capability=cap, publish_context=ctx))
     for rel, digest in digests.items():
