@@ -62,10 +62,12 @@ def change(path: Path, size: int, pattern: str, seed: int) -> int:
             pages = rng.sample(range(size // PAGE), total // PAGE)
             for p in pages:
                 os.pwrite(fd, os.urandom(PAGE), p * PAGE)
+            total = len(pages) * PAGE
         else:
             runs = rng.sample(range(size // MiB), total // MiB)
             for r in runs:
                 os.pwrite(fd, os.urandom(MiB), r * MiB)
+            total = len(runs) * MiB
         os.fsync(fd)
     finally:
         os.close(fd)
