@@ -29,6 +29,7 @@ DriverFactory = Callable[[ArraySpec], ArrayDriver]
 # kind -> "module:attr"; drivers added by later work append a line here
 _BUILTIN: dict[str, str] = {
     "file": "csi_virtvol.backends.filepool:FilePoolDriver",
+    "qsd": "csi_virtvol.backends.qsd:QsdDriver",
 }
 
 # abilities that are not tied to an optional protocol: a driver "implements"

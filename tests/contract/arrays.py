@@ -12,6 +12,7 @@ its own cleanup with `request.addfinalizer`.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,25 @@ def _plant_file(driver: ArrayDriver, name: str, size: int) -> LunId:
     return LunId(name)
 
 
+def _qsd_on(fixture: str) -> Callable[[pytest.FixtureRequest, str], ArrayDriver]:
+    """A qemu-storage-daemon the driver starts itself, pool on `fixture`'s filesystem."""
+    def make(request: pytest.FixtureRequest, name: str) -> ArrayDriver:
+        from csi_virtvol.backends.qsd import QsdDriver
+        from csi_virtvol.model.array import ArraySpec
+        from csi_virtvol.model.ids import ArrayId
+        pool = make_pool(request.getfixturevalue(fixture), name).params["path"]
+        driver = QsdDriver(ArraySpec(id=ArrayId(name), kind="qsd", params={"pool": pool, "start": "true"}))
+        request.addfinalizer(driver.shutdown)
+        return driver
+    return make
+
+
+def _plant_qcow2(driver: ArrayDriver, name: str, size: int) -> LunId:
+    path = os.path.join(driver.spec.params["pool"], "luns", f"{name}.img")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)], check=True)
+    return LunId(name)
+
+
 ARRAY_FACTORIES: list[ArrayFactory] = [
     ArrayFactory(id="file-xfs", make=_file_pool_on("xfs_mount"),
                  expected_probed=Ability.GROW_LUN | Ability.INTERNAL_COPY, plant_foreign_lun=_plant_file),
@@ -56,4 +76,7 @@ ARRAY_FACTORIES: list[ArrayFactory] = [
                  expected_probed=Ability.GROW_LUN, plant_foreign_lun=_plant_file),
     ArrayFactory(id="file-btrfs", make=_file_pool_on("btrfs_mount"),
                  expected_probed=Ability.GROW_LUN | Ability.INTERNAL_COPY, plant_foreign_lun=_plant_file),
+    ArrayFactory(id="qsd-xfs", make=_qsd_on("xfs_mount"),
+                 expected_probed=Ability.GROW_LUN | Ability.INTERNAL_COPY | Ability.REMOTE_COPY
+                 | Ability.DIRTY_TRACKING, plant_foreign_lun=_plant_qcow2),
 ]

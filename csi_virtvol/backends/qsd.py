@@ -1,0 +1,813 @@
+"""The qsd array: one qemu-storage-daemon, driven over QMP, serving LUNs over NBD.
+
+``spec.params``:
+
+    pool      directory holding the images (required)
+    qmp       the daemon's QMP unix socket (default ``<pool>/qmp.sock``)
+    nbd       where the daemon's NBD server listens: ``unix:/path`` (default
+              ``unix:<pool>/nbd.sock``) or ``HOST:PORT`` (TCP)
+    start     "true": when nothing answers on ``qmp``, start the daemon
+              (``--daemonize``, pid in ``<pool>/qsd.pid``); stop it with
+              `QsdDriver.shutdown`
+    capacity  optional cap (bytes, "10Gi", ...) on the sum of LUN sizes
+
+Layout of the pool::
+
+    <pool>/luns/<lun-id>.img  one image per LUN, qcow2 (the driver makes these)
+                              or raw (found there); the format comes from the
+                              file's magic, never from its name
+    <pool>/mnt/<lun-id>       a regular file over which `open_path` mounts the
+                              LUN's NBD export with nbdfuse
+    <pool>/.lock              flock(2) serialising every change
+
+The image files are the truth: `list_luns` scans them, and a LUN is attached
+to the daemon (``blockdev-add`` + writable ``block-export-add``, export name =
+LUN id) when it is created, or lazily when it is first used (a discovered
+image, or every image after the daemon restarted).  Node names are derived
+from a hash of the LUN id (QEMU allows 31 characters there).
+
+`Lun.address` is the export's NBD URI (``nbd+unix:///<id>?socket=...`` or
+``nbd://host:port/<id>``): what another array (remote copy) or a node using
+kernel nbd connects to.  `open_path` returns ``<pool>/mnt/<id>``, the export
+mounted as a file through nbdfuse, for host copy and for nodes without nbd.
+Its size is fixed when it is mounted: `resize_lun` and `wipe_lun` unmount it
+(lazily when it is busy; a holder keeps seeing the old mount), and the next
+`open_path` mounts it again.
+
+Abilities are probed over QMP: GROW_LUN with ``block_resize``;
+INTERNAL_COPY with ``blockdev-backup`` (``sync=full`` into a new qcow2 LUN of
+the same daemon: a point-in-time copy, done when the call returns);
+REMOTE_COPY with ``blockdev-backup`` and an ``nbd`` block driver (the backup
+target is an ``nbd`` node pointing at the other array's export);
+DIRTY_TRACKING with ``block-dirty-bitmap-add`` (probed only: this driver has no
+DirtyTrackingCapable code yet, so the registry masks it out).
+
+Capacity is as in the file pool: the pool filesystem's free space minus, for
+each image, its virtual size minus its allocated blocks; ``capacity`` caps the
+sum of virtual sizes.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from csi_virtvol import errors
+from csi_virtvol.backends.base import CopyProgress
+from csi_virtvol.backends.filepool import parse_size, valid_lun_id
+from csi_virtvol.backends.qmp import QmpError, QmpSession, qmp_session
+from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
+from csi_virtvol.model.ids import LunId
+
+logger = logging.getLogger(__name__)
+
+KIND = "qsd"
+SECTOR = 512
+LUN_SUFFIX = ".img"
+TMP_PREFIX = ".tmp-"
+QCOW2_MAGIC = b"QFI\xfb"
+XATTR_ORIGIN = "user.csi-virtvol.origin"
+XATTR_SOURCE = "user.csi-virtvol.source"
+
+START_TIMEOUT = 15.0
+MOUNT_TIMEOUT = 15.0
+JOB_TIMEOUT = 3600.0
+POLL = 0.02
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdServer:
+    """Where a daemon's NBD server listens."""
+
+    unix: str = ""
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "NbdServer":
+        if text.startswith("unix:"):
+            return cls(unix=text[len("unix:"):])
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise errors.InvalidRequest(f"nbd address {text!r} is neither unix:/path nor HOST:PORT")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def uri(self, export: str) -> str:
+        if self.unix:
+            return f"nbd+unix:///{export}?socket={self.unix}"
+        return f"nbd://{self.host}:{self.port}/{export}"
+
+    def qapi(self) -> dict[str, Any]:
+        """A SocketAddress (the flat form blockdev-add and nbd-server-start share)."""
+        if self.unix:
+            return {"type": "unix", "path": self.unix}
+        return {"type": "inet", "host": self.host, "port": str(self.port)}
+
+    def qapi_legacy(self) -> dict[str, Any]:
+        """A SocketAddressLegacy (nbd-server-start's form)."""
+        flat = self.qapi()
+        kind = flat.pop("type")
+        return {"type": kind, "data": flat}
+
+    def cli(self) -> str:
+        if self.unix:
+            return f"addr.type=unix,addr.path={_esc(self.unix)}"
+        return f"addr.type=inet,addr.host={_esc(self.host)},addr.port={self.port}"
+
+
+def parse_nbd_uri(uri: str) -> tuple[NbdServer, str]:
+    """``nbd+unix:///EXPORT?socket=PATH`` or ``nbd://HOST[:PORT]/EXPORT`` -> (server, export)."""
+    parts = urlsplit(uri)
+    export = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if parts.scheme == "nbd+unix":
+        sock = parse_qs(parts.query).get("socket", [""])[0]
+        if not sock:
+            raise errors.InvalidRequest(f"NBD URI {uri!r} has no socket=")
+        return NbdServer(unix=sock), export
+    if parts.scheme == "nbd" and parts.hostname:
+        return NbdServer(host=parts.hostname, port=parts.port or 10809), export
+    raise errors.InvalidRequest(f"not an NBD URI this driver can reach: {uri!r}")
+
+
+def _esc(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+def _h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class QsdDriver:
+    """An ArrayDriver, InternalCopyCapable and RemoteCopyCapable over one qemu-storage-daemon."""
+
+    def __init__(self, spec: ArraySpec) -> None:
+        if spec.kind != KIND:
+            raise errors.InvalidRequest(f"array {spec.id}: kind {spec.kind!r} is not {KIND!r}")
+        pool = spec.params.get("pool", "")
+        if not pool:
+            raise errors.InvalidRequest(f"array {spec.id}: params.pool is required")
+        self._spec = spec
+        self._root = os.path.abspath(pool)
+        self._luns = os.path.join(self._root, "luns")
+        self._mnt = os.path.join(self._root, "mnt")
+        self._qmp = spec.params.get("qmp") or os.path.join(self._root, "qmp.sock")
+        self._nbd = NbdServer.parse(spec.params.get("nbd") or f"unix:{os.path.join(self._root, 'nbd.sock')}")
+        self._start = spec.params.get("start", "").lower() in ("true", "yes", "1")
+        self._cap = parse_size(spec.params["capacity"]) if spec.params.get("capacity") else None
+        self._probed: Ability | None = None
+        self._identity: ArrayIdentity | None = None
+        self._remote_done: dict[str, CopyProgress] = {}
+        try:
+            os.makedirs(self._luns, exist_ok=True)
+            os.makedirs(self._mnt, exist_ok=True)
+        except OSError as e:
+            raise errors.BackendUnavailable(f"array {spec.id}: cannot use {self._root}: {e}") from e
+        self._ensure_daemon()
+
+    # ---- daemon -----------------------------------------------------------------------------
+
+    def _ensure_daemon(self) -> None:
+        try:
+            with qmp_session(self._qmp) as qmp:
+                self._ensure_nbd_server(qmp)
+            return
+        except errors.BackendUnavailable:
+            if not self._start:
+                raise
+        pidfile = os.path.join(self._root, "qsd.pid")
+        argv = ["qemu-storage-daemon",
+                "--chardev", f"socket,id=qmp0,path={_esc(self._qmp)},server=on,wait=off",
+                "--monitor", "chardev=qmp0",
+                "--nbd-server", self._nbd.cli(),
+                "--pidfile", pidfile, "--daemonize"]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._qmp)
+        if self._nbd.unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._nbd.unix)
+        logger.info("array %s: starting %s", self._spec.id, " ".join(argv))
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=START_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise errors.BackendUnavailable(f"array {self._spec.id}: cannot start qemu-storage-daemon: {e}") from e
+        if proc.returncode != 0:
+            raise errors.BackendUnavailable(
+                f"array {self._spec.id}: qemu-storage-daemon failed ({proc.returncode}): {proc.stderr.strip()}")
+        with qmp_session(self._qmp) as qmp:
+            qmp.execute("query-version")
+
+    def _ensure_nbd_server(self, qmp: QmpSession) -> None:
+        try:
+            qmp.execute("nbd-server-start", {"addr": self._nbd.qapi_legacy()})
+            logger.info("array %s: started NBD server on %s", self._spec.id, self._nbd)
+        except QmpError as e:
+            if "already running" not in e.desc:
+                raise
+
+    def shutdown(self) -> None:
+        """Unmount every nbdfuse mount of this pool and stop the daemon (QMP quit)."""
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self._mnt):
+                if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
+                    self._unmount(entry.name)
+        with contextlib.suppress(errors.BackendUnavailable), qmp_session(self._qmp) as qmp:
+            qmp.execute("quit")
+        pidfile = os.path.join(self._root, "qsd.pid")
+        with contextlib.suppress(OSError, ValueError):
+            with open(pidfile, encoding="ascii") as f:
+                pid = int(f.read().strip())
+            for _ in range(int(START_TIMEOUT / POLL)):
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    if f.read().rpartition(")")[2].split()[0] == "Z":
+                        break  # exited; only its parent's reaping is left
+                time.sleep(POLL)
+
+    # ---- ArrayDriver ---------------------------------------------------------------------
+
+    @property
+    def spec(self) -> ArraySpec:
+        return self._spec
+
+    def describe(self) -> ArrayInfo:
+        probed = self._probe()
+        total, free = self._capacity()
+        return ArrayInfo(
+            id=self._spec.id, kind=KIND, identity=self._get_identity(), probed=probed,
+            abilities=probed, capacity_total=total, capacity_free=free,
+            labels=dict(self._spec.labels), topology=dict(self._spec.topology),
+        )
+
+    def create_lun(self, *, name: str, size: int) -> Lun:
+        lun_id = self._check_name(name)
+        self._check_size(size)
+        with self._locked():
+            existing = self.get_lun(lun_id=lun_id)
+            if existing is not None:
+                return self._same_or_conflict(existing, size=size)
+            self._check_room(apparent=size, reserve=size)
+            tmp = self._new_image(lun_id, size=size)
+            try:
+                self._publish(tmp, lun_id)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            with self._session() as qmp:
+                self._attach(qmp, lun_id)
+        logger.info("array %s: created LUN %s (%d bytes)", self._spec.id, lun_id, size)
+        return self._lun_or_fail(lun_id)
+
+    def delete_lun(self, *, lun_id: LunId) -> None:
+        if not valid_lun_id(lun_id):
+            return
+        with self._locked():
+            if self.get_lun(lun_id=lun_id) is None:
+                return
+            self._unmount(lun_id)
+            with self._session() as qmp:
+                self._detach(qmp, lun_id)
+            try:
+                os.unlink(self._path(lun_id))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise errors.BackendError(f"array {self._spec.id}: delete {lun_id}: {e}") from e
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._mnt, lun_id))
+        logger.info("array %s: deleted LUN %s", self._spec.id, lun_id)
+
+    def get_lun(self, *, lun_id: LunId) -> Lun | None:
+        if not valid_lun_id(lun_id):
+            return None
+        path = self._path(lun_id)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise errors.BackendError(f"array {self._spec.id}: stat {path}: {e}") from e
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return self._lun(lun_id, path=path, st=st)
+
+    def list_luns(self) -> list[Lun]:
+        return sorted((self._lun(i, path=p, st=st) for i, p, st in self._scan()), key=lambda lun: lun.id)
+
+    def resize_lun(self, *, lun_id: LunId, size: int) -> Lun:
+        self._check_size(size)
+        with self._locked():
+            lun = self.get_lun(lun_id=lun_id)
+            if lun is None:
+                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            if size < lun.size:
+                raise errors.InvalidRequest(
+                    f"array {self._spec.id}: LUN {lun_id} is {lun.size} bytes; cannot shrink to {size}")
+            if size == lun.size:
+                return lun
+            grow = size - lun.size
+            self._check_room(apparent=grow, reserve=grow)
+            self._unmount(lun_id)  # nbdfuse fixed the file's size when it mounted
+            with self._session() as qmp:
+                # an NBD export holds its node's size fixed: resize between exports
+                node = self._attach(qmp, lun_id)
+                self._unexport(qmp, lun_id)
+                qmp.execute("block_resize", {"node-name": node, "size": size})
+                self._attach(qmp, lun_id)
+        logger.info("array %s: grew LUN %s to %d bytes", self._spec.id, lun_id, size)
+        return self._lun_or_fail(lun_id)
+
+    def wipe_lun(self, *, lun_id: LunId) -> None:
+        with self._locked():
+            lun = self.get_lun(lun_id=lun_id)
+            if lun is None:
+                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            self._unmount(lun_id)
+            with self._session() as qmp:
+                self._detach(qmp, lun_id)
+            path = self._path(lun_id)
+            try:
+                if _image_format(path) == "qcow2":
+                    tmp = self._new_image(lun_id, size=lun.size, origin=self._origin(path))
+                    os.replace(tmp, path)
+                else:
+                    os.truncate(path, 0)
+                    os.truncate(path, lun.size)
+            except OSError as e:
+                raise errors.BackendError(f"array {self._spec.id}: wipe {lun_id}: {e}") from e
+        logger.info("array %s: wiped LUN %s", self._spec.id, lun_id)
+
+    def open_path(self, *, lun_id: LunId) -> str:
+        with self._locked():
+            if self.get_lun(lun_id=lun_id) is None:
+                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            with self._session() as qmp:
+                self._attach(qmp, lun_id)
+            return self._mount(lun_id)
+
+    # ---- InternalCopyCapable ----------------------------------------------------------------
+
+    def copy_lun_internal(self, *, source: LunId, name: str) -> Lun:
+        """blockdev-backup sync=full of `source` into a new qcow2 LUN `name`: the
+        content of `source` at the call, independent of it afterwards.  Idempotent by name."""
+        lun_id = self._check_name(name)
+        with self._locked():
+            src = self.get_lun(lun_id=source)
+            if src is None:
+                raise errors.NotFound(f"array {self._spec.id}: no LUN {source}")
+            existing = self.get_lun(lun_id=lun_id)
+            if existing is not None:
+                if existing.id == src.id:
+                    raise errors.InvalidRequest(f"array {self._spec.id}: cannot copy {source} onto itself")
+                return self._same_or_conflict(existing, size=src.size)
+            if Ability.INTERNAL_COPY not in self._probe():
+                raise errors.UnsupportedCapability(f"array {self._spec.id}: daemon has no blockdev-backup")
+            self._check_room(apparent=src.size, reserve=src.size)
+            tmp = self._new_image(lun_id, size=src.size, source=source)
+            tmp_node = "t" + _h(tmp)
+            try:
+                with self._session() as qmp:
+                    src_node = self._attach(qmp, src.id)
+                    qmp.execute("blockdev-add", {
+                        "driver": "qcow2", "node-name": tmp_node,
+                        "file": {"driver": "file", "filename": tmp}})
+                    try:
+                        self._run_backup(qmp, job="c" + _h(tmp), device=src_node, target=tmp_node)
+                    finally:
+                        qmp.execute("blockdev-del", {"node-name": tmp_node})
+                self._publish(tmp, lun_id)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            with self._session() as qmp:
+                self._attach(qmp, lun_id)
+        logger.info("array %s: backed up LUN %s -> %s", self._spec.id, source, lun_id)
+        return self._lun_or_fail(lun_id)
+
+    def _run_backup(self, qmp: QmpSession, *, job: str, device: str, target: str) -> None:
+        qmp.execute("blockdev-backup", {"job-id": job, "device": device, "target": target,
+                                        "sync": "full", "auto-dismiss": False})
+        deadline = time.monotonic() + JOB_TIMEOUT
+        try:
+            while True:
+                info = _find_job(qmp, job)
+                if info is None:
+                    raise errors.BackendError(f"array {self._spec.id}: backup job {job} vanished")
+                if info["status"] == "concluded":
+                    if info.get("error"):
+                        raise errors.BackendError(f"array {self._spec.id}: backup failed: {info['error']}")
+                    return
+                if time.monotonic() > deadline:
+                    raise errors.BackendError(f"array {self._spec.id}: backup {job} timed out")
+                time.sleep(POLL)
+        except BaseException:
+            with contextlib.suppress(errors.VirtvolError):
+                qmp.execute("job-cancel", {"id": job})
+                self._wait_concluded(qmp, job)
+            raise
+        finally:
+            with contextlib.suppress(QmpError):
+                qmp.execute("job-dismiss", {"id": job})
+
+    def _wait_concluded(self, qmp: QmpSession, job: str) -> None:
+        for _ in range(int(START_TIMEOUT / POLL)):
+            info = _find_job(qmp, job)
+            if info is None or info["status"] == "concluded":
+                return
+            time.sleep(POLL)
+
+    # ---- RemoteCopyCapable --------------------------------------------------------------------
+
+    def can_reach(self, *, target: ArrayInfo) -> bool:
+        """Another qsd array: its exports are NBD, which this daemon's nbd driver speaks.
+        (Reachability of the address itself shows when the copy starts.)"""
+        return target.kind == KIND and target.id != self._spec.id
+
+    def start_remote_copy(self, *, source: LunId, target_address: str, job: str) -> None:
+        """Push `source` into the NBD export `target_address` (a target LUN's
+        `Lun.address`, same size) with blockdev-backup sync=full; `job` names it."""
+        server, export = parse_nbd_uri(target_address)
+        if Ability.REMOTE_COPY not in self._probe():
+            raise errors.UnsupportedCapability(f"array {self._spec.id}: daemon cannot back up to NBD")
+        with self._locked():
+            if self.get_lun(lun_id=source) is None:
+                raise errors.NotFound(f"array {self._spec.id}: no LUN {source}")
+            with self._session() as qmp:
+                if _find_job(qmp, _job_id(job)) is not None:
+                    return  # already running: idempotent by job name
+                self._remote_done.pop(job, None)
+                src_node = self._attach(qmp, source)
+                node = "r" + _h(job)
+                qmp.execute("blockdev-add", {"driver": "nbd", "node-name": node,
+                                             "server": server.qapi(), "export": export})
+                try:
+                    qmp.execute("blockdev-backup", {"job-id": _job_id(job), "device": src_node,
+                                                    "target": node, "sync": "full", "auto-dismiss": False})
+                except BaseException:
+                    with contextlib.suppress(QmpError):
+                        qmp.execute("blockdev-del", {"node-name": node})
+                    raise
+        logger.info("array %s: remote copy %s: %s -> %s", self._spec.id, job, source, target_address)
+
+    def remote_copy_progress(self, *, job: str) -> CopyProgress:
+        if job in self._remote_done:
+            return self._remote_done[job]
+        with self._session() as qmp:
+            info = _find_job(qmp, _job_id(job))
+            if info is None:
+                raise errors.NotFound(f"array {self._spec.id}: no remote copy {job}")
+            total = int(info.get("total-progress", 0))
+            done_bytes = int(info.get("current-progress", 0))
+            if info["status"] != "concluded":
+                return CopyProgress(bytes_total=total, bytes_done=done_bytes, done=False)
+            progress = CopyProgress(bytes_total=total, bytes_done=done_bytes, done=True,
+                                    error=str(info.get("error", "")))
+            self._finish_remote(qmp, job)
+        self._remote_done[job] = progress
+        return progress
+
+    def cancel_remote_copy(self, *, job: str) -> None:
+        self._remote_done.pop(job, None)
+        with self._session() as qmp:
+            if _find_job(qmp, _job_id(job)) is None:
+                return
+            with contextlib.suppress(QmpError):
+                qmp.execute("job-cancel", {"id": _job_id(job)})
+            self._wait_concluded(qmp, _job_id(job))
+            self._finish_remote(qmp, job)
+        logger.info("array %s: cancelled remote copy %s", self._spec.id, job)
+
+    def _finish_remote(self, qmp: QmpSession, job: str) -> None:
+        with contextlib.suppress(QmpError):
+            qmp.execute("job-dismiss", {"id": _job_id(job)})
+        with contextlib.suppress(QmpError):
+            qmp.execute("blockdev-del", {"node-name": "r" + _h(job)})
+
+    # ---- QMP: nodes and exports ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[QmpSession]:
+        with qmp_session(self._qmp) as qmp:
+            yield qmp
+
+    def _attach(self, qmp: QmpSession, lun_id: str) -> str:
+        """Make sure the LUN's image is a node of the daemon and exported; returns the node name."""
+        node, export_id = "n" + _h(lun_id), "e" + _h(lun_id)
+        nodes = {n["node-name"] for n in qmp.execute("query-named-block-nodes", {"flat": True})}
+        if node not in nodes:
+            path = self._path(lun_id)
+            qmp.execute("blockdev-add", {"driver": _image_format(path), "node-name": node,
+                                         "file": {"driver": "file", "filename": path}})
+        exports = {e["id"] for e in qmp.execute("query-block-exports")}
+        if export_id not in exports:
+            qmp.execute("block-export-add", {"type": "nbd", "id": export_id, "node-name": node,
+                                             "name": lun_id, "writable": True})
+        return node
+
+    def _detach(self, qmp: QmpSession, lun_id: str) -> None:
+        self._unexport(qmp, lun_id)
+        node = "n" + _h(lun_id)
+        if any(n["node-name"] == node for n in qmp.execute("query-named-block-nodes", {"flat": True})):
+            qmp.execute("blockdev-del", {"node-name": node})
+
+    def _unexport(self, qmp: QmpSession, lun_id: str) -> None:
+        export_id = "e" + _h(lun_id)
+        if any(e["id"] == export_id for e in qmp.execute("query-block-exports")):
+            with contextlib.suppress(QmpError):
+                qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
+            for _ in range(int(START_TIMEOUT / POLL)):  # deletion finishes asynchronously
+                if not any(e["id"] == export_id for e in qmp.execute("query-block-exports")):
+                    break
+                time.sleep(POLL)
+
+    # ---- nbdfuse ------------------------------------------------------------------------------
+
+    def _mount(self, lun_id: str) -> str:
+        point = os.path.join(self._mnt, lun_id)
+        if _is_mounted(point):
+            try:
+                os.stat(point)
+                return point
+            except OSError as e:  # nbdfuse died: ENOTCONN
+                logger.warning("array %s: stale mount %s (%s); remounting", self._spec.id, point, e)
+                self._unmount(lun_id)
+        with open(point, "ab"):
+            pass
+        pidfile = os.path.join(self._mnt, f".{lun_id}.pid")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pidfile)
+        argv = ["nbdfuse", "-P", pidfile, point, self._nbd.uri(lun_id)]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as e:
+            raise errors.BackendUnavailable(f"array {self._spec.id}: cannot run nbdfuse: {e}") from e
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not (os.path.exists(pidfile) and _is_mounted(point)):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} exited: {err}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} did not mount")
+            time.sleep(POLL)
+        if proc.stderr:
+            proc.stderr.close()
+        logger.debug("array %s: mounted %s at %s", self._spec.id, lun_id, point)
+        return point
+
+    def _unmount(self, lun_id: str) -> None:
+        point = os.path.join(self._mnt, lun_id)
+        if not _is_mounted(point):
+            return
+        proc = subprocess.run(["fusermount3", "-u", point], capture_output=True, text=True, check=False)
+        if proc.returncode != 0 and _is_mounted(point):
+            logger.warning("array %s: %s busy (%s); lazy unmount", self._spec.id, point, proc.stderr.strip())
+            subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, check=False)
+
+    # ---- files --------------------------------------------------------------------------------
+
+    def _path(self, lun_id: str) -> str:
+        return os.path.join(self._luns, lun_id + LUN_SUFFIX)
+
+    def _new_image(self, lun_id: str, *, size: int, origin: LunOrigin = LunOrigin.PROVISIONED,
+                   source: str = "") -> str:
+        tmp = os.path.join(self._luns, f"{TMP_PREFIX}{lun_id}-{uuid.uuid4().hex[:8]}")
+        proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(size)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise errors.BackendError(f"array {self._spec.id}: qemu-img create {lun_id}: {proc.stderr.strip()}")
+        try:
+            if origin is LunOrigin.PROVISIONED:
+                os.setxattr(tmp, XATTR_ORIGIN, LunOrigin.PROVISIONED.value.encode())
+            if source:
+                os.setxattr(tmp, XATTR_SOURCE, source.encode())
+        except OSError as e:
+            os.unlink(tmp)
+            raise errors.BackendError(f"array {self._spec.id}: xattr on {tmp}: {e}") from e
+        return tmp
+
+    def _publish(self, tmp: str, lun_id: str) -> None:
+        try:
+            os.link(tmp, self._path(lun_id))
+        except FileExistsError as e:
+            raise errors.Conflict(f"array {self._spec.id}: LUN {lun_id} appeared concurrently") from e
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.CapacityExceeded(f"array {self._spec.id}: {lun_id}: {e}") from e
+            raise errors.BackendError(f"array {self._spec.id}: create {lun_id}: {e}") from e
+
+    def _check_name(self, name: str) -> LunId:
+        if not valid_lun_id(name):
+            raise errors.InvalidRequest(f"array {self._spec.id}: LUN name {name!r} is not a valid LUN id")
+        return LunId(name)
+
+    def _check_size(self, size: int) -> None:
+        if size <= 0 or size % SECTOR:
+            raise errors.OutOfRange(
+                f"array {self._spec.id}: LUN size {size} must be a positive multiple of {SECTOR}")
+
+    def _same_or_conflict(self, existing: Lun, *, size: int) -> Lun:
+        if existing.size != size:
+            raise errors.AlreadyExists(
+                f"array {self._spec.id}: LUN {existing.id} exists with {existing.size} bytes, not {size}")
+        return existing
+
+    def _lun(self, lun_id: str, *, path: str, st: os.stat_result) -> Lun:
+        return Lun(array=self._spec.id, id=LunId(lun_id), size=_virtual_size(path, st),
+                   address=self._nbd.uri(lun_id), origin=self._origin(path))
+
+    def _lun_or_fail(self, lun_id: LunId) -> Lun:
+        lun = self.get_lun(lun_id=lun_id)
+        if lun is None:
+            raise errors.BackendError(f"array {self._spec.id}: LUN {lun_id} vanished after creation")
+        return lun
+
+    def _origin(self, path: str) -> LunOrigin:
+        try:
+            mark = os.getxattr(path, XATTR_ORIGIN, follow_symlinks=False)
+        except OSError:
+            return LunOrigin.DISCOVERED
+        return LunOrigin.PROVISIONED if mark == LunOrigin.PROVISIONED.value.encode() else LunOrigin.DISCOVERED
+
+    def _scan(self) -> Iterator[tuple[str, str, os.stat_result]]:
+        try:
+            entries = list(os.scandir(self._luns))
+        except OSError as e:
+            raise errors.BackendUnavailable(f"array {self._spec.id}: cannot list {self._luns}: {e}") from e
+        for entry in entries:
+            if not entry.name.endswith(LUN_SUFFIX):
+                continue
+            lun_id = entry.name[: -len(LUN_SUFFIX)]
+            if not valid_lun_id(lun_id):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield lun_id, entry.path, st
+
+    def _capacity(self) -> tuple[int, int]:
+        try:
+            vfs = os.statvfs(self._root)
+        except OSError as e:
+            raise errors.BackendUnavailable(f"array {self._spec.id}: statvfs {self._root}: {e}") from e
+        apparent, reserved = self._usage()
+        total = vfs.f_blocks * vfs.f_frsize
+        free = vfs.f_bavail * vfs.f_frsize - reserved
+        if self._cap is not None:
+            total = min(total, self._cap)
+            free = min(free, self._cap - apparent)
+        return total, max(0, free)
+
+    def _usage(self) -> tuple[int, int]:
+        apparent = reserved = 0
+        for _, path, st in self._scan():
+            size = _virtual_size(path, st)
+            apparent += size
+            reserved += max(0, size - st.st_blocks * 512)
+        return apparent, reserved
+
+    def _check_room(self, *, apparent: int, reserve: int) -> None:
+        used, reserved = self._usage()
+        if self._cap is not None and used + apparent > self._cap:
+            raise errors.CapacityExceeded(
+                f"array {self._spec.id}: {used} + {apparent} bytes exceeds capacity {self._cap}")
+        vfs = os.statvfs(self._root)
+        fs_free = vfs.f_bavail * vfs.f_frsize - reserved
+        if reserve > fs_free:
+            raise errors.CapacityExceeded(
+                f"array {self._spec.id}: needs {reserve} bytes, filesystem has {max(0, fs_free)} unpromised")
+
+    # ---- probe --------------------------------------------------------------------------------
+
+    def _probe(self) -> Ability:
+        if self._probed is None:
+            with self._session() as qmp:
+                commands = {c["name"] for c in qmp.execute("query-commands")}
+                found = Ability.NONE
+                if "block_resize" in commands:
+                    found |= Ability.GROW_LUN
+                if {"blockdev-backup", "blockdev-add", "query-jobs", "job-dismiss"} <= commands:
+                    found |= Ability.INTERNAL_COPY
+                    if _has_nbd_driver(qmp):
+                        found |= Ability.REMOTE_COPY
+                if "block-dirty-bitmap-add" in commands:
+                    found |= Ability.DIRTY_TRACKING
+            self._probed = found
+            logger.info("array %s: probed %s over %s", self._spec.id, found.names(), self._qmp)
+        return self._probed
+
+    def _get_identity(self) -> ArrayIdentity:
+        if self._identity is None:
+            with self._session() as qmp:
+                v = qmp.execute("query-version")
+            q = v["qemu"]
+            self._identity = ArrayIdentity(vendor="QEMU", model="qsd",
+                                           version=f"{q['major']}.{q['minor']}.{q['micro']}")
+        return self._identity
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            fd = os.open(os.path.join(self._root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise errors.BackendUnavailable(f"array {self._spec.id}: lock: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _job_id(job: str) -> str:
+    return "j" + _h(job)
+
+
+def _find_job(qmp: QmpSession, job: str) -> dict[str, Any] | None:
+    for info in qmp.execute("query-jobs"):
+        if info.get("id") == job:
+            return dict(info)
+    return None
+
+
+def _has_nbd_driver(qmp: QmpSession) -> bool:
+    """True when blockdev-add accepts driver "nbd" (BlockdevDriver lists it)."""
+    schema = qmp.execute("query-qmp-schema")
+    by_name = {e.get("name"): e for e in schema}
+    add = by_name.get("blockdev-add")
+    if add is None:
+        return False
+    args = by_name.get(add.get("arg-type"))
+    if args is None:
+        return False
+    for member in args.get("members", []):
+        if member.get("name") == "driver":
+            enum = by_name.get(member.get("type"), {})
+            return "nbd" in enum.get("values", [])
+    return False
+
+
+def _image_format(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise errors.BackendError(f"cannot read {path}: {e}") from e
+    return "qcow2" if magic == QCOW2_MAGIC else "raw"
+
+
+def _virtual_size(path: str, st: os.stat_result) -> int:
+    try:
+        with open(path, "rb") as f:
+            header = f.read(32)
+    except OSError:
+        return st.st_size
+    if len(header) == 32 and header[:4] == QCOW2_MAGIC:
+        return int(struct.unpack(">Q", header[24:32])[0])
+    return st.st_size
+
+
+def _is_mounted(point: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].replace("\\040", " ") == point:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def stop_daemon(spec: ArraySpec) -> None:
+    """Stop the daemon of `spec` (and its nbdfuse mounts) without starting one."""
+    if not spec.params.get("pool"):
+        return
+    pool = os.path.abspath(spec.params["pool"])
+    mnt = os.path.join(pool, "mnt")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(mnt):
+            if _is_mounted(entry.path):
+                subprocess.run(["fusermount3", "-u", "-z", entry.path], capture_output=True, check=False)
+    qmp = spec.params.get("qmp") or os.path.join(pool, "qmp.sock")
+    with contextlib.suppress(errors.BackendUnavailable), qmp_session(qmp) as session:
+        session.execute("quit")
+
+
+__all__ = ["QsdDriver", "KIND", "NbdServer", "parse_nbd_uri", "stop_daemon"]
