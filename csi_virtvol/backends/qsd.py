@@ -39,8 +39,8 @@ INTERNAL_COPY with ``blockdev-backup`` (``sync=full`` into a new qcow2 LUN of
 the same daemon: a point-in-time copy, done when the call returns);
 REMOTE_COPY with ``blockdev-backup`` and an ``nbd`` block driver (the backup
 target is an ``nbd`` node pointing at the other array's export);
-DIRTY_TRACKING with ``block-dirty-bitmap-add`` (probed only: this driver has no
-DirtyTrackingCapable code yet, so the registry masks it out).
+DIRTY_TRACKING with ``block-dirty-bitmap-add`` (a dirty bitmap per tracking
+name, read back over NBD with ``nbdinfo --map``).
 
 Capacity is as in the file pool: the pool filesystem's free space minus, for
 each image, its virtual size minus its allocated blocks; ``capacity`` caps the
@@ -52,6 +52,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -85,6 +86,7 @@ START_TIMEOUT = 15.0
 MOUNT_TIMEOUT = 15.0
 JOB_TIMEOUT = 3600.0
 POLL = 0.02
+BITMAP_GRANULARITY = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,7 +152,8 @@ def _h(text: str) -> str:
 
 
 class QsdDriver:
-    """An ArrayDriver, InternalCopyCapable and RemoteCopyCapable over one qemu-storage-daemon."""
+    """An ArrayDriver, InternalCopyCapable, RemoteCopyCapable and DirtyTrackingCapable
+    over one qemu-storage-daemon."""
 
     def __init__(self, spec: ArraySpec) -> None:
         if spec.kind != KIND:
@@ -493,6 +496,93 @@ class QsdDriver:
         with contextlib.suppress(QmpError):
             qmp.execute("blockdev-del", {"node-name": "r" + _h(job)})
 
+    # ---- DirtyTrackingCapable -------------------------------------------------------------------
+
+    def start_tracking(self, *, lun_id: LunId, name: str) -> None:
+        """Start a dirty bitmap `name` on the LUN (persistent in qcow2 images, so it
+        survives a daemon restart).  Idempotent: a running bitmap is left as it is."""
+        with self._locked():
+            if self.get_lun(lun_id=lun_id) is None:
+                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            if Ability.DIRTY_TRACKING not in self._probe():
+                raise errors.UnsupportedCapability(f"array {self._spec.id}: daemon has no dirty bitmaps")
+            with self._session() as qmp:
+                node = self._attach(qmp, lun_id)
+                if _bitmap(name) in _bitmaps(qmp, node):
+                    return
+                qmp.execute("block-dirty-bitmap-add", {
+                    "node": node, "name": _bitmap(name), "granularity": BITMAP_GRANULARITY,
+                    "persistent": _image_format(self._path(lun_id)) == "qcow2"})
+        logger.info("array %s: tracking changes of %s as %s", self._spec.id, lun_id, name)
+
+    def changed_ranges(self, *, lun_id: LunId, name: str) -> Iterator[tuple[int, int]]:
+        """(offset, length) of every region written since `start_tracking`, in
+        order, merged, at the bitmap's granularity (64 KiB).  The bitmap keeps
+        recording: asking does not reset it.
+
+        Read over NBD: the bitmap is merged into a disabled copy (an enabled
+        bitmap cannot be exported), which a read-only export offers as the
+        ``qemu:dirty-bitmap:`` meta context to ``nbdinfo --map``; export and copy
+        are removed before this returns."""
+        with self._locked():
+            if self.get_lun(lun_id=lun_id) is None:
+                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            with self._session() as qmp:
+                node = self._attach(qmp, lun_id)
+                if _bitmap(name) not in _bitmaps(qmp, node):
+                    raise errors.NotFound(f"array {self._spec.id}: LUN {lun_id} has no tracking {name!r}")
+                tag = uuid.uuid4().hex[:12]
+                frozen, export_id, export = f"virtvol-read-{tag}", f"x{tag}", f"{lun_id}.dirty-{tag}"
+                qmp.execute("block-dirty-bitmap-add", {"node": node, "name": frozen, "disabled": True,
+                                                       "granularity": BITMAP_GRANULARITY})
+                try:
+                    qmp.execute("block-dirty-bitmap-merge", {"node": node, "target": frozen,
+                                                             "bitmaps": [_bitmap(name)]})
+                    qmp.execute("block-export-add", {"type": "nbd", "id": export_id, "node-name": node,
+                                                     "name": export, "writable": False, "bitmaps": [frozen]})
+                    try:
+                        ranges = self._read_dirty_map(export, frozen)
+                    finally:
+                        self._remove_export(qmp, export_id)
+                finally:
+                    with contextlib.suppress(QmpError):
+                        qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": frozen})
+        return iter(ranges)
+
+    def stop_tracking(self, *, lun_id: LunId, name: str) -> None:
+        """Drop the bitmap; a LUN or bitmap that is not there is not an error."""
+        with self._locked():
+            if self.get_lun(lun_id=lun_id) is None:
+                return
+            with self._session() as qmp:
+                node = self._attach(qmp, lun_id)
+                if _bitmap(name) in _bitmaps(qmp, node):
+                    qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": _bitmap(name)})
+        logger.info("array %s: stopped tracking %s of %s", self._spec.id, name, lun_id)
+
+    def _read_dirty_map(self, export: str, bitmap: str) -> list[tuple[int, int]]:
+        argv = ["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", self._nbd.uri(export)]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=JOB_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise errors.BackendError(f"array {self._spec.id}: nbdinfo: {e}") from e
+        if proc.returncode != 0:
+            raise errors.BackendError(f"array {self._spec.id}: nbdinfo --map: {proc.stderr.strip()}")
+        try:
+            entries = json.loads(proc.stdout)
+        except ValueError as e:
+            raise errors.BackendError(f"array {self._spec.id}: nbdinfo --map: bad JSON") from e
+        out: list[tuple[int, int]] = []
+        for entry in entries:
+            if not int(entry["type"]) & 1:
+                continue
+            off, length = int(entry["offset"]), int(entry["length"])
+            if out and out[-1][0] + out[-1][1] == off:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((off, length))
+        return out
+
     # ---- QMP: nodes and exports ---------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -521,7 +611,9 @@ class QsdDriver:
             qmp.execute("blockdev-del", {"node-name": node})
 
     def _unexport(self, qmp: QmpSession, lun_id: str) -> None:
-        export_id = "e" + _h(lun_id)
+        self._remove_export(qmp, "e" + _h(lun_id))
+
+    def _remove_export(self, qmp: QmpSession, export_id: str) -> None:
         if any(e["id"] == export_id for e in qmp.execute("query-block-exports")):
             with contextlib.suppress(QmpError):
                 qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
@@ -734,6 +826,17 @@ class QsdDriver:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _bitmap(name: str) -> str:
+    return f"virtvol-{name}"
+
+
+def _bitmaps(qmp: QmpSession, node: str) -> set[str]:
+    for info in qmp.execute("query-named-block-nodes", {"flat": True}):
+        if info.get("node-name") == node:
+            return {str(b["name"]) for b in info.get("dirty-bitmaps", [])}
+    return set()
+
 
 def _job_id(job: str) -> str:
     return "j" + _h(job)

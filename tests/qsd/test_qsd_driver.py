@@ -20,7 +20,7 @@ import pytest
 
 from csi_virtvol import errors
 from csi_virtvol.backends import registry
-from csi_virtvol.backends.base import CopyProgress, RemoteCopyCapable
+from csi_virtvol.backends.base import CopyProgress, DirtyTrackingCapable, RemoteCopyCapable
 from csi_virtvol.backends.qmp import qmp_session
 from csi_virtvol.backends.qsd import QsdDriver, parse_nbd_uri
 from csi_virtvol.model.array import Ability, ArraySpec
@@ -78,10 +78,10 @@ def test_probe_identity_and_effective_abilities(daemons: list[QsdDriver]) -> Non
     assert version.startswith(info.identity.version)
     assert info.probed == (Ability.GROW_LUN | Ability.INTERNAL_COPY | Ability.REMOTE_COPY
                            | Ability.DIRTY_TRACKING)
-    # through the registry: probed dirty tracking has no code path in this driver yet
+    # through the registry (a second driver on the same running daemon): all of it effective
     driver, eff = registry.open_array(a.spec)
     assert isinstance(driver, QsdDriver)
-    assert eff.abilities == Ability.GROW_LUN | Ability.INTERNAL_COPY | Ability.REMOTE_COPY
+    assert eff.abilities == info.probed
     # an admin override switches remote copy off
     off = ArraySpec(id=a.spec.id, kind="qsd", params=a.spec.params, ability_overrides={"remote-copy": False})
     assert Ability.REMOTE_COPY not in registry.open_array(off)[1].abilities
@@ -279,3 +279,55 @@ def test_cancel_stops_a_running_remote_copy(daemons: list[QsdDriver]) -> None:
     # the source is free again: it can be deleted and the daemon keeps serving
     a.delete_lun(lun_id=src.id)
     assert a.list_luns() == []
+
+
+KiB = 1024
+GRAIN = 64 * KiB  # the driver's bitmap granularity
+
+
+def test_dirty_tracking_lists_exactly_the_written_regions(daemons: list[QsdDriver]) -> None:
+    a = daemons[0]
+    assert isinstance(a, DirtyTrackingCapable)
+    lun = a.create_lun(name="trk", size=16 * MiB)
+    path = a.open_path(lun_id=lun.id)
+    write_at(path, 0, os.urandom(MiB))  # before tracking: not listed
+    a.start_tracking(lun_id=lun.id, name="s1")
+    a.start_tracking(lun_id=lun.id, name="s1")  # idempotent
+    assert list(a.changed_ranges(lun_id=lun.id, name="s1")) == []
+    write_at(path, MiB + 4096, b"x" * 4096)                 # inside one grain
+    write_at(path, 5 * MiB + 60 * KiB, b"y" * 8 * KiB)      # straddles two grains
+    write_at(path, 8 * MiB, os.urandom(3 * GRAIN))          # three grains
+    expected = [(MiB, GRAIN), (5 * MiB, 2 * GRAIN), (8 * MiB, 3 * GRAIN)]
+    assert list(a.changed_ranges(lun_id=lun.id, name="s1")) == expected
+    assert list(a.changed_ranges(lun_id=lun.id, name="s1")) == expected  # reading does not reset
+    # a second tracker started later sees only what came after it
+    a.start_tracking(lun_id=lun.id, name="s2")
+    write_at(path, 15 * MiB, b"z")
+    assert list(a.changed_ranges(lun_id=lun.id, name="s2")) == [(15 * MiB, GRAIN)]
+    assert list(a.changed_ranges(lun_id=lun.id, name="s1")) == expected + [(15 * MiB, GRAIN)]
+    with qmp_session(qmp_path(a)) as qmp:
+        exports = qmp.execute("query-block-exports")
+    assert len(exports) == 1  # the map's read-only export is gone; the LUN's own stays
+
+    a.stop_tracking(lun_id=lun.id, name="s2")
+    a.stop_tracking(lun_id=lun.id, name="s2")  # gone: no error
+    with pytest.raises(errors.NotFound):
+        list(a.changed_ranges(lun_id=lun.id, name="s2"))
+    with pytest.raises(errors.NotFound):
+        a.start_tracking(lun_id=LunId("ghost"), name="s1")
+
+
+def test_tracking_survives_a_daemon_restart(tmp_path: Path) -> None:
+    spec = spec_for(tmp_path / "qd", "qd")
+    d = QsdDriver(spec)
+    try:
+        lun = d.create_lun(name="p", size=4 * MiB)
+        d.start_tracking(lun_id=lun.id, name="keep")
+        write_at(d.open_path(lun_id=lun.id), 2 * MiB, b"changed")
+    finally:
+        d.shutdown()
+    d2 = QsdDriver(spec)
+    try:
+        assert list(d2.changed_ranges(lun_id=lun.id, name="keep")) == [(2 * MiB, GRAIN)]
+    finally:
+        d2.shutdown()
