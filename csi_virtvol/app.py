@@ -122,6 +122,9 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         pairs = PairsServicer(snapshots=core.snapshots)
         loops += [(f"lease-{i}", t) for i, t in enumerate(parts.threads if parts else ())]
         loops.append(("reconcile", core.snapshots.reconcile))
+        leader = parts.is_leader if parts else (lambda: True)
+        arrays = core.arrays
+        loops.append(("arrays", lambda stop: arrays.keep_synced(stop, is_leader=leader)))
     node = None
     if config.mode.node:
         PublishService.register(store, node_record(config.node_id, config.node_topology,

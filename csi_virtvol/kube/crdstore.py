@@ -113,7 +113,9 @@ def _array_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
                  "topology": rec["topology"]}
     status: Obj = {"identity": rec["identity"], "probedAbilities": _abilities(rec["probed"]),
                    "abilities": _abilities(rec["abilities"]), "capacityTotal": rec["capacity_total"],
-                   "capacityFree": rec["capacity_free"]}
+                   "capacityFree": rec["capacity_free"],
+                   "luns": [{"id": x["id"], "size": x["size"], "state": x["state"], "origin": x["origin"],
+                             **({"volume": x["volume"]} if x["volume"] else {})} for x in rec.get("luns", [])]}
     return spec, status
 
 

@@ -69,6 +69,17 @@ class ArraySpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LunSummary:
+    """One row of an array's LUN inventory, as last synchronised."""
+
+    id: LunId
+    size: int
+    state: LunState
+    origin: LunOrigin
+    volume: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ArrayInfo:
     """What the driver found out about an array."""
 
@@ -81,6 +92,7 @@ class ArrayInfo:
     capacity_free: int
     labels: Mapping[str, str] = field(default_factory=dict)
     topology: Mapping[str, str] = field(default_factory=dict)
+    luns: tuple[LunSummary, ...] = ()  # the inventory at the last synchronisation ([0047])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

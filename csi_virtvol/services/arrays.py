@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+from collections.abc import Callable
 from collections.abc import Iterable, Mapping, Sequence
 
 from csi_virtvol import errors
 from csi_virtvol.backends import abilities as ability_table
 from csi_virtvol.backends import registry
 from csi_virtvol.backends.base import ArrayDriver
-from csi_virtvol.model.array import ArrayInfo, ArraySpec, Lun, LunOrigin, LunState
+from csi_virtvol.model.array import ArrayInfo, ArraySpec, Lun, LunOrigin, LunState, LunSummary
 from csi_virtvol.model.ids import ArrayId
 from csi_virtvol.store import base as store_base
 from csi_virtvol.store.base import StateStore
@@ -91,9 +93,9 @@ class ArrayPool:
 
     # -- the physical volume table ----------------------------------------
     def sync(self) -> None:
-        """Record arrays and LUNs found on them; a LUN nobody owns becomes intact."""
+        """Record arrays and LUNs found on them; a LUN nobody owns becomes intact.
+        Each array's record then carries its LUN inventory and capacity as of now."""
         for info in self.infos():
-            store_base.upsert(self._store, store_base.ARRAYS, info)
             for lun in self.driver(info.id).list_luns():
                 if lun.id.startswith(OWNED_PREFIXES):
                     continue  # recovery decides about our own LUNs
@@ -105,6 +107,21 @@ class ArrayPool:
                         log.info("array %s: found intact LUN %s (%d bytes)", info.id, lun.id, lun.size)
                     except errors.Conflict:
                         pass
+            inventory = tuple(
+                LunSummary(id=r.value.id, size=r.value.size, state=r.value.state, origin=r.value.origin,
+                           volume=r.value.volume)
+                for r in self._store.find(store_base.LUNS, index="array", value=info.id))
+            store_base.upsert(self._store, store_base.ARRAYS, dataclasses.replace(info, luns=inventory))
+
+    def keep_synced(self, stop: "threading.Event", *, period: float = 30.0,
+                    is_leader: "Callable[[], bool]" = lambda: True) -> None:
+        """Refresh the arrays' records (capacity, LUN inventory) now and then."""
+        while not stop.wait(period):
+            if is_leader():
+                try:
+                    self.sync()
+                except errors.VirtvolError as e:
+                    log.warning("array sync: %s", e)
 
 
 class TopologyFilter:

@@ -104,6 +104,13 @@ def test_discovered_intact_lun_is_reused_then_wiped_not_deleted(plugin: Plugin, 
     from harness.plugin import running_plugin
     with running_plugin(plugin.data_dir.parent / "second", [
             ("fast", plugin.pools["fast"], 256 * MiB, {}), ("slow", plugin.pools["slow"], 256 * MiB, {})]) as p2:
+        from csi_virtvol.store import base as S
+        from csi_virtvol.store.sqlite import SqliteStore
+        with SqliteStore(str(p2.data_dir / "state.db"), readonly=True) as st:
+            arr = st.get(S.ARRAYS, "slow")
+            assert arr is not None  # the physical volume table: the array's inventory at the sync
+            assert [(x.id, x.state.value, x.origin.value) for x in arr.value.luns] == \
+                [("admin-lun", "intact", "discovered")]
         vol = create(p2, unique(), 16 * MiB, arrays="slow")
         assert "slow/admin-lun.img" in p2.lun_files()
         assert not any(vol.volume_id in f for f in p2.lun_files())

@@ -118,6 +118,10 @@ def test_volume_snapshot_and_clone_on_crds(cluster: tuple[FakeApiServer, rpc.Con
     vol = ctl.CreateVolume(pb.CreateVolumeRequest(
         name="pvc-1", capacity_range=pb.CapacityRange(required_bytes=320 * MiB), volume_capabilities=[cap],
         parameters={"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/pvc/namespace": "default"})).volume
+    arrays = {o["metadata"]["name"]: o["status"] for o in api.objects(GROUP, "storagearrays")}
+    assert arrays["fast"]["identity"]["model"] == "xfs" and "internal-copy" in arrays["fast"]["abilities"]
+    assert arrays["slow"]["identity"]["model"] == "ext4" and "internal-copy" not in arrays["slow"]["abilities"]
+    assert arrays["fast"]["luns"] == []  # the inventory as of the last synchronisation (start-up)
     vvs = {o["spec"]["name"]: o for o in api.objects(GROUP, "virtualvolumes")}
     assert vvs["pvc-1"]["status"]["state"] == "available"
     assert [e["array"] for e in vvs["pvc-1"]["spec"]["extents"]] == ["fast", "slow"]
