@@ -436,9 +436,17 @@ class QsdDriver:
         (Reachability of the address itself shows when the copy starts.)"""
         return target.kind == KIND and target.id != self._spec.id
 
-    def start_remote_copy(self, *, source: LunId, target_address: str, job: str) -> None:
+    def start_remote_copy(self, *, source: LunId, target_address: str, job: str,
+                          since: str = "") -> None:
         """Push `source` into the NBD export `target_address` (a target LUN's
-        `Lun.address`, same size) with blockdev-backup sync=full; `job` names it."""
+        `Lun.address`, same size) with blockdev-backup; `job` names it.
+
+        ``since=""``: sync=full, every byte.  ``since=NAME`` (a tracking started
+        with `start_tracking`, an extension of the RemoteCopyCapable protocol):
+        differential resync, sync=bitmap, only the regions written since the
+        tracking started or since the last successful resync with it; on success
+        the copied regions are cleared from that bitmap (writes made during the
+        copy stay set for the next one)."""
         server, export = parse_nbd_uri(target_address)
         if Ability.REMOTE_COPY not in self._probe():
             raise errors.UnsupportedCapability(f"array {self._spec.id}: daemon cannot back up to NBD")
@@ -450,12 +458,17 @@ class QsdDriver:
                     return  # already running: idempotent by job name
                 self._remote_done.pop(job, None)
                 src_node = self._attach(qmp, source)
+                sync: dict[str, Any] = {"sync": "full"}
+                if since:
+                    if _bitmap(since) not in _bitmaps(qmp, src_node):
+                        raise errors.NotFound(f"array {self._spec.id}: LUN {source} has no tracking {since!r}")
+                    sync = {"sync": "bitmap", "bitmap": _bitmap(since), "bitmap-mode": "on-success"}
                 node = "r" + _h(job)
                 qmp.execute("blockdev-add", {"driver": "nbd", "node-name": node,
                                              "server": server.qapi(), "export": export})
                 try:
                     qmp.execute("blockdev-backup", {"job-id": _job_id(job), "device": src_node,
-                                                    "target": node, "sync": "full", "auto-dismiss": False})
+                                                    "target": node, "auto-dismiss": False, **sync})
                 except BaseException:
                     with contextlib.suppress(QmpError):
                         qmp.execute("blockdev-del", {"node-name": node})

@@ -331,3 +331,33 @@ def test_tracking_survives_a_daemon_restart(tmp_path: Path) -> None:
         assert list(d2.changed_ranges(lun_id=lun.id, name="keep")) == [(2 * MiB, GRAIN)]
     finally:
         d2.shutdown()
+
+
+def test_differential_resync_moves_only_the_changed_grains(daemons: list[QsdDriver], tmp_path: Path) -> None:
+    a, b = daemons
+    size = 32 * MiB
+    src = a.create_lun(name="src", size=size)
+    spath = a.open_path(lun_id=src.id)
+    write_at(spath, 0, os.urandom(size))
+    dst = b.create_lun(name="dst", size=size)
+    a.start_tracking(lun_id=src.id, name="pair")
+    a.start_remote_copy(source=src.id, target_address=dst.address, job="full")
+    full = wait_done(a, "full")
+    assert full.done and not full.error and full.bytes_total == size
+
+    # N grains change (one of them twice): the resync moves N grains, no more
+    for off in (0, 3 * MiB, 3 * MiB + 100, 17 * MiB + GRAIN, 31 * MiB):
+        write_at(spath, off, os.urandom(512))
+    a.start_remote_copy(source=src.id, target_address=dst.address, job="resync-1", since="pair")
+    inc = wait_done(a, "resync-1")
+    assert inc.done and not inc.error
+    assert inc.bytes_total == inc.bytes_done == 4 * GRAIN
+    assert read_all(b.open_path(lun_id=dst.id)) == read_all(spath)
+    # the bitmap was cleared by the successful resync: the next one moves only newer writes
+    assert list(a.changed_ranges(lun_id=src.id, name="pair")) == []
+    write_at(spath, 9 * MiB, os.urandom(2 * GRAIN))
+    a.start_remote_copy(source=src.id, target_address=dst.address, job="resync-2", since="pair")
+    assert wait_done(a, "resync-2").bytes_total == 2 * GRAIN
+    assert nbd_read(dst.address, tmp_path / "dst.raw") == read_all(spath)
+    with pytest.raises(errors.NotFound):
+        a.start_remote_copy(source=src.id, target_address=dst.address, job="r3", since="nope")
