@@ -25,7 +25,7 @@ COLUMNS = {
     "VirtualVolume": ["Name", "Size", "Kind", "State", "Extents", "Age"],
     "VolumePair": ["Source", "Targets", "Methods", "State", "Progress", "Age"],
 }
-SHORT = {"StorageArray": "sa", "VirtualVolume": "vv", "VolumePair": "vp"}
+SHORT = {"StorageArray": "sarray", "VirtualVolume": "vv", "VolumePair": "vp"}
 
 
 def test_the_three_kinds_exist(crds: dict[str, Doc]) -> None:
