@@ -172,6 +172,7 @@ class QsdDriver:
         self._probed: Ability | None = None
         self._identity: ArrayIdentity | None = None
         self._remote_done: dict[str, CopyProgress] = {}
+        self._fuse: dict[str, subprocess.Popen[bytes]] = {}  # nbdfuse children, reaped on unmount
         try:
             os.makedirs(self._luns, exist_ok=True)
             os.makedirs(self._mnt, exist_ok=True)
@@ -286,8 +287,9 @@ class QsdDriver:
                 pass
             except OSError as e:
                 raise errors.BackendError(f"array {self._spec.id}: delete {lun_id}: {e}") from e
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self._mnt, lun_id))
+            for leftover in (lun_id, f".{lun_id}.pid", f".{lun_id}.log"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._mnt, leftover))
         logger.info("array %s: deleted LUN %s", self._spec.id, lun_id)
 
     def get_lun(self, *, lun_id: LunId) -> Lun | None:
@@ -651,23 +653,24 @@ class QsdDriver:
         pidfile = os.path.join(self._mnt, f".{lun_id}.pid")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pidfile)
+        log = os.path.join(self._mnt, f".{lun_id}.log")  # nbdfuse outlives this call: not a pipe
         argv = ["nbdfuse", "-P", pidfile, point, self._nbd.uri(lun_id)]
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            with open(log, "ab") as err:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                        start_new_session=True)
         except OSError as e:
             raise errors.BackendUnavailable(f"array {self._spec.id}: cannot run nbdfuse: {e}") from e
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not (os.path.exists(pidfile) and _is_mounted(point)):
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} exited: {err}")
+                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} exited "
+                                          f"({proc.returncode}): {_tail(log)}")
             if time.monotonic() > deadline:
                 proc.kill()
-                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} did not mount")
+                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} did not mount: {_tail(log)}")
             time.sleep(POLL)
-        if proc.stderr:
-            proc.stderr.close()
+        self._fuse[lun_id] = proc
         logger.debug("array %s: mounted %s at %s", self._spec.id, lun_id, point)
         return point
 
@@ -679,6 +682,12 @@ class QsdDriver:
         if proc.returncode != 0 and _is_mounted(point):
             logger.warning("array %s: %s busy (%s); lazy unmount", self._spec.id, point, proc.stderr.strip())
             subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, check=False)
+            self._fuse.pop(lun_id, None)  # exits when its last user goes; Popen reaps it later
+            return
+        child = self._fuse.pop(lun_id, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=MOUNT_TIMEOUT)
 
     # ---- files --------------------------------------------------------------------------------
 
@@ -897,6 +906,15 @@ def _virtual_size(path: str, st: os.stat_result) -> int:
     if len(header) == 32 and header[:4] == QCOW2_MAGIC:
         return int(struct.unpack(">Q", header[24:32])[0])
     return st.st_size
+
+
+def _tail(path: str, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def _is_mounted(point: str) -> bool:

@@ -361,3 +361,26 @@ def test_differential_resync_moves_only_the_changed_grains(daemons: list[QsdDriv
     assert nbd_read(dst.address, tmp_path / "dst.raw") == read_all(spath)
     with pytest.raises(errors.NotFound):
         a.start_remote_copy(source=src.id, target_address=dst.address, job="r3", since="nope")
+
+
+def test_driver_uses_a_daemon_it_did_not_start(tmp_path: Path) -> None:
+    """A daemon started elsewhere with only a QMP monitor: the driver starts its NBD server."""
+    pool = tmp_path / "ext"
+    pool.mkdir()
+    qmp, nbd = pool / "m.sock", pool / "n.sock"
+    subprocess.run(["qemu-storage-daemon", "--chardev", f"socket,id=m,path={qmp},server=on,wait=off",
+                    "--monitor", "chardev=m", "--pidfile", str(pool / "qsd.pid"), "--daemonize"],
+                   check=True, capture_output=True)
+    d = QsdDriver(ArraySpec(id=ArrayId("ext"), kind="qsd",
+                            params={"pool": str(pool), "qmp": str(qmp), "nbd": f"unix:{nbd}"}))
+    try:
+        lun = d.create_lun(name="e", size=MiB)
+        assert lun.address == f"nbd+unix:///e?socket={nbd}"
+        write_at(d.open_path(lun_id=lun.id), 0, b"external")
+        assert nbd_read(lun.address, tmp_path / "e.raw")[:8] == b"external"
+        d.delete_lun(lun_id=lun.id)
+        assert sorted(os.listdir(pool / "mnt")) == []
+    finally:
+        d.shutdown()
+    with pytest.raises(errors.BackendUnavailable):
+        QsdDriver(ArraySpec(id=ArrayId("ext"), kind="qsd", params={"pool": str(pool), "qmp": str(qmp)}))
