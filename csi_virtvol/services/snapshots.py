@@ -523,7 +523,10 @@ class SnapshotService:
         self._update_pair(vid, change)
 
     def _release(self, pair: Pair) -> None:
-        if pair.fence is Fence.PROHIBITED:
+        others = [r.value for r in self._store.find(S.PAIRS, index="source", value=pair.source)
+                  if r.value.id != pair.id and r.value.fence is Fence.PROHIBITED
+                  and r.value.state in (PairState.COPYING, PairState.RESYNCING)]
+        if pair.fence is Fence.PROHIBITED and not others:  # the last copy reading the source lifts it
             try:
                 self._set_lun_states(self._store_volume(pair.source), LunState.IN_USE)
             except errors.NotFound:

@@ -308,3 +308,28 @@ def _writer_through_snapshot(plugin: Plugin, tmp_path: Path, fs: str) -> None:
     assert fence == "released"
     for vid, path in ((restored.volume_id, staging2), (src.volume_id, staging)):
         plugin.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(path)))
+
+
+def test_the_source_stays_fenced_until_its_last_copy_ends(plugin: Plugin) -> None:
+    src = create_volume(plugin, 32 * MiB, arrays="slow")
+    with open(lun_paths(plugin, src.volume_id)[0], "r+b") as f:
+        f.write(os.urandom(32 * MiB))
+    plugin.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+        volume_id=src.volume_id, mutable_parameters={"copyBandwidth": "2Mi"}))
+    slow = plugin.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+        name=unique("slow"), source_volume_id=src.volume_id)).snapshot  # ~16 s at 2 MiB/s
+    plugin.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+        volume_id=src.volume_id, mutable_parameters={"copyBandwidth": "1Gi"}))
+    fast = snapshot_ready(plugin, unique("fast"), src.volume_id)  # ends first
+    assert fast.ready_to_use
+    assert not plugin.controller.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=slow.snapshot_id)).snapshot.ready_to_use
+    with pytest.raises(grpc.RpcError) as e:
+        plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap()))
+    assert e.value.code() is Code.FAILED_PRECONDITION  # the first copy still reads it
+    deadline = time.monotonic() + 60
+    while not plugin.controller.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=slow.snapshot_id)).snapshot.ready_to_use:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap()))
