@@ -611,8 +611,10 @@ class QsdDriver:
         nodes = {n["node-name"] for n in qmp.execute("query-named-block-nodes", {"flat": True})}
         if node not in nodes:
             path = self._path(lun_id)
-            qmp.execute("blockdev-add", {"driver": _image_format(path), "node-name": node,
-                                         "file": {"driver": "file", "filename": path}})
+            # discard=unmap: an NBD trim (hole punched through nbdfuse) frees the
+            # clusters and they read back as zeros; QEMU's default ignores it
+            qmp.execute("blockdev-add", {"driver": _image_format(path), "node-name": node, "discard": "unmap",
+                                         "file": {"driver": "file", "filename": path, "discard": "unmap"}})
         exports = {e["id"] for e in qmp.execute("query-block-exports")}
         if export_id not in exports:
             qmp.execute("block-export-add", {"type": "nbd", "id": export_id, "node-name": node,
