@@ -386,9 +386,10 @@ class QsdDriver:
                     qmp.execute("blockdev-add", {
                         "driver": "qcow2", "node-name": tmp_node,
                         "file": {"driver": "file", "filename": tmp}})
-                    try:
-                        self._run_backup(qmp, job="c" + _h(tmp), device=src_node, target=tmp_node)
-                    finally:
+                try:
+                    self._run_backup(job="c" + _h(tmp), device=src_node, target=tmp_node)
+                finally:
+                    with self._session() as qmp:
                         qmp.execute("blockdev-del", {"node-name": tmp_node})
                 self._publish(tmp, lun_id)
             finally:
@@ -399,13 +400,18 @@ class QsdDriver:
         logger.info("array %s: backed up LUN %s -> %s", self._spec.id, source, lun_id)
         return self._lun_or_fail(lun_id)
 
-    def _run_backup(self, qmp: QmpSession, *, job: str, device: str, target: str) -> None:
-        qmp.execute("blockdev-backup", {"job-id": job, "device": device, "target": target,
-                                        "sync": "full", "auto-dismiss": False})
+    def _run_backup(self, *, job: str, device: str, target: str) -> None:
+        """Run a full backup job to its end.  The daemon's monitor serves one
+        client at a time, so every poll is a session of its own: other callers
+        (progress of a remote copy, a probe) get in between."""
+        with self._session() as qmp:
+            qmp.execute("blockdev-backup", {"job-id": job, "device": device, "target": target,
+                                            "sync": "full", "auto-dismiss": False})
         deadline = time.monotonic() + JOB_TIMEOUT
         try:
             while True:
-                info = _find_job(qmp, job)
+                with self._session() as qmp:
+                    info = _find_job(qmp, job)
                 if info is None:
                     raise errors.BackendError(f"array {self._spec.id}: backup job {job} vanished")
                 if info["status"] == "concluded":
@@ -416,12 +422,12 @@ class QsdDriver:
                     raise errors.BackendError(f"array {self._spec.id}: backup {job} timed out")
                 time.sleep(POLL)
         except BaseException:
-            with contextlib.suppress(errors.VirtvolError):
+            with contextlib.suppress(errors.VirtvolError), self._session() as qmp:
                 qmp.execute("job-cancel", {"id": job})
                 self._wait_concluded(qmp, job)
             raise
         finally:
-            with contextlib.suppress(QmpError):
+            with contextlib.suppress(errors.VirtvolError), self._session() as qmp:
                 qmp.execute("job-dismiss", {"id": job})
 
     def _wait_concluded(self, qmp: QmpSession, job: str) -> None:
