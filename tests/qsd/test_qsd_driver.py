@@ -407,3 +407,24 @@ def test_host_copy_engine_reads_and_writes_qsd_luns(daemons: list[QsdDriver], tm
     assert r2.verified
     got = nbd_read(dst.address, tmp_path / "dst.raw")
     assert got[4 * MiB:16 * MiB] == want and got[:4 * MiB] == bytes(4 * MiB)
+
+
+def test_a_raw_image_found_in_the_pool_is_a_usable_lun(daemons: list[QsdDriver], tmp_path: Path) -> None:
+    a = daemons[0]
+    raw = Path(a.spec.params["pool"]) / "luns" / "old.img"
+    raw.write_bytes(b"legacy" + bytes(2 * MiB - 6))
+    lun = a.get_lun(lun_id=LunId("old"))
+    assert lun is not None and lun.size == 2 * MiB
+    assert read_all(a.open_path(lun_id=lun.id))[:6] == b"legacy"
+    assert nbd_read(lun.address, tmp_path / "o.raw")[:6] == b"legacy"
+    a.start_tracking(lun_id=lun.id, name="t")  # a raw image keeps the bitmap in memory only
+    write_at(a.open_path(lun_id=lun.id), MiB, b"new")
+    assert list(a.changed_ranges(lun_id=lun.id, name="t")) == [(MiB, GRAIN)]
+    grown = a.resize_lun(lun_id=lun.id, size=3 * MiB)
+    assert grown.size == 3 * MiB == raw.stat().st_size
+    copy = a.copy_lun_internal(source=lun.id, name="old-copy")
+    assert read_all(a.open_path(lun_id=copy.id)) == raw.read_bytes()
+    a.wipe_lun(lun_id=lun.id)
+    assert read_all(a.open_path(lun_id=lun.id)) == bytes(3 * MiB)
+    with open(Path(a.spec.params["pool"]) / "luns" / "old-copy.img", "rb") as f:
+        assert f.read(4) == b"QFI\xfb"  # copies are qcow2 whatever the source
