@@ -30,40 +30,31 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
 import os
 import platform
 import re
-import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from csi_virtvol import errors
-from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
+from csi_virtvol.backends._pool import LUN_SUFFIX as LUN_SUFFIX
+from csi_virtvol.backends._pool import SECTOR, PoolDriver, libc, parse_size, valid_lun_id
+from csi_virtvol.backends._pool import SYNC_ATTEMPTS as SYNC_ATTEMPTS
+from csi_virtvol.backends._pool import TMP_PREFIX as TMP_PREFIX
+from csi_virtvol.backends._pool import XATTR_ORIGIN as XATTR_ORIGIN
+from csi_virtvol.backends._pool import XATTR_SOURCE as XATTR_SOURCE
+from csi_virtvol.model.array import Ability, ArrayIdentity, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 
 logger = logging.getLogger(__name__)
 
 KIND = "file"
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
-SECTOR = 512  # LUN sizes must be a multiple of this (they become loop devices)
-
-XATTR_ORIGIN = "user.csi-virtvol.origin"
-XATTR_SOURCE = "user.csi-virtvol.source"
-LUN_SUFFIX = ".img"
-TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600.0
-SYNC_ATTEMPTS = 3  # syncfs rounds before a full filesystem is believed
-
-_LUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_SIZE = re.compile(r"\s*(\d+)\s*([KMGTP]i?)?[Bb]?\s*")
-_UNITS = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
 _Fill = Callable[[int], None]  # gives a fresh temp file (by fd) its content
 
@@ -71,121 +62,27 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def valid_lun_id(name: str) -> bool:
-    """A LUN id is a file name stem: letters, digits, '.', '_', '-'; not
-    starting with '.' or '-' (so never a temp file, '..' or an option)."""
-    return bool(_LUN_ID.fullmatch(name)) and not name.endswith(".")
-
-
-def parse_size(text: str) -> int:
-    """``"1073741824"``, ``"1Gi"``, ``"500M"``, ``"2GiB"`` -> bytes."""
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise errors.InvalidRequest(f"not a size: {text!r}")
-    return int(m.group(1)) * (_UNITS[m.group(2)] if m.group(2) else 1)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Usage:
-    apparent: int  # sum of LUN file sizes
-    reserved: int  # sum over LUNs of max(0, apparent - allocated)
-
-
-class FilePoolDriver:
+class FilePoolDriver(PoolDriver):
     """An ArrayDriver (and InternalCopyCapable) over a directory of sparse files."""
 
     def __init__(self, spec: ArraySpec) -> None:
-        if spec.kind != KIND:
-            raise errors.InvalidRequest(f"array {spec.id}: kind {spec.kind!r} is not {KIND!r}")
-        path = spec.params.get("path", "")
-        if not path:
-            raise errors.InvalidRequest(f"array {spec.id}: params.path is required")
-        self._spec = spec
-        self._root = os.path.abspath(path)
-        self._luns = os.path.join(self._root, "luns")
-        self._cap = parse_size(spec.params["capacity"]) if spec.params.get("capacity") else None
-        self._probed: Ability | None = None
-        self._identity: ArrayIdentity | None = None
-        try:
-            if not os.path.isdir(self._root):
-                logger.info("array %s: creating pool directory %s", spec.id, self._root)
-            os.makedirs(self._luns, exist_ok=True)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {spec.id}: cannot use {self._root}: {e}") from e
+        super().__init__(spec, kind=KIND, path_param="path")
         self._sweep_stale_temps()
 
     # ---- ArrayDriver ---------------------------------------------------------------------
 
-    @property
-    def spec(self) -> ArraySpec:
-        return self._spec
-
-    def describe(self) -> ArrayInfo:
-        probed = self._probe()
-        total, free = self._capacity()
-        return ArrayInfo(
-            id=self._spec.id, kind=KIND, identity=self._get_identity(), probed=probed,
-            abilities=probed, capacity_total=total, capacity_free=free,
-            labels=dict(self._spec.labels), topology=dict(self._spec.topology),
-        )
-
     def create_lun(self, *, name: str, size: int) -> Lun:
-        lun_id = self._check_name(name)
-        self._check_size(size)
-        with self._locked():
-            existing = self.get_lun(lun_id=lun_id)
-            if existing is not None:
-                return self._same_or_conflict(existing, size=size)
-            self._check_room(apparent=size, reserve=size)
-            self._materialise(lun_id, size=size, fill=lambda fd: os.ftruncate(fd, size))
-        logger.info("array %s: created LUN %s (%d bytes)", self._spec.id, lun_id, size)
-        return self._lun_or_fail(lun_id)
+        return self._create(name=name, size=size, make=lambda lun_id: self._materialise(
+            lun_id, size=size, fill=lambda fd: os.ftruncate(fd, size)))
 
     def delete_lun(self, *, lun_id: LunId) -> None:
-        if not valid_lun_id(lun_id):
+        if not valid_lun_id(lun_id) or not self._unlink_lun(lun_id):
             return
-        try:
-            os.unlink(self._path(lun_id))
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise errors.BackendError(f"array {self._spec.id}: delete {lun_id}: {e}") from e
         self._fsync_dir()
         logger.info("array %s: deleted LUN %s", self._spec.id, lun_id)
 
-    def get_lun(self, *, lun_id: LunId) -> Lun | None:
-        if not valid_lun_id(lun_id):
-            return None
-        path = self._path(lun_id)
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise errors.BackendError(f"array {self._spec.id}: stat {path}: {e}") from e
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        return self._lun(lun_id, path=path, size=st.st_size)
-
-    def list_luns(self) -> list[Lun]:
-        out: list[Lun] = []
-        for lun_id, path, st in self._scan():
-            out.append(self._lun(lun_id, path=path, size=st.st_size))
-        return sorted(out, key=lambda lun: lun.id)
-
     def resize_lun(self, *, lun_id: LunId, size: int) -> Lun:
-        self._check_size(size)
-        with self._locked():
-            lun = self.get_lun(lun_id=lun_id)
-            if lun is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
-            if size < lun.size:
-                raise errors.InvalidRequest(
-                    f"array {self._spec.id}: LUN {lun_id} is {lun.size} bytes; cannot shrink to {size}")
-            if size == lun.size:
-                return lun
-            grow = size - lun.size
-            self._check_room(apparent=grow, reserve=grow)
+        def apply(lun: Lun) -> None:
             try:
                 fd = os.open(lun.address, os.O_WRONLY | os.O_CLOEXEC)
                 try:
@@ -195,13 +92,10 @@ class FilePoolDriver:
                     os.close(fd)
             except OSError as e:
                 raise errors.BackendError(f"array {self._spec.id}: grow {lun_id}: {e}") from e
-        logger.info("array %s: grew LUN %s to %d bytes", self._spec.id, lun_id, size)
-        return self._lun_or_fail(lun_id)
+        return self._grow(lun_id=lun_id, size=size, apply=apply)
 
     def wipe_lun(self, *, lun_id: LunId) -> None:
-        lun = self.get_lun(lun_id=lun_id)
-        if lun is None:
-            raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+        lun = self._require_lun(lun_id)
         try:
             fd = os.open(lun.address, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -216,10 +110,7 @@ class FilePoolDriver:
         logger.info("array %s: wiped LUN %s", self._spec.id, lun_id)
 
     def open_path(self, *, lun_id: LunId) -> str:
-        lun = self.get_lun(lun_id=lun_id)
-        if lun is None:
-            raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
-        return lun.address
+        return self._require_lun(lun_id).address
 
     # ---- InternalCopyCapable ----------------------------------------------------------------
 
@@ -228,14 +119,9 @@ class FilePoolDriver:
         Idempotent by name: an existing `name` of the source's size is returned."""
         lun_id = self._check_name(name)
         with self._locked():
-            src = self.get_lun(lun_id=source)
-            if src is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {source}")
-            existing = self.get_lun(lun_id=lun_id)
-            if existing is not None:
-                if existing.id == src.id:
-                    raise errors.InvalidRequest(f"array {self._spec.id}: cannot copy {source} onto itself")
-                return self._same_or_conflict(existing, size=src.size)
+            src, done = self._copy_begin(source=source, lun_id=lun_id)
+            if done is not None:
+                return done
             try:
                 src_fd = os.open(src.address, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
@@ -255,70 +141,14 @@ class FilePoolDriver:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _path(self, lun_id: str) -> str:
-        return os.path.join(self._luns, lun_id + LUN_SUFFIX)
-
-    def _check_name(self, name: str) -> LunId:
-        if not valid_lun_id(name):
-            raise errors.InvalidRequest(
-                f"array {self._spec.id}: LUN name {name!r} must match {_LUN_ID.pattern} and not end in '.'")
-        return LunId(name)
-
-    def _check_size(self, size: int) -> None:
-        if size <= 0 or size % SECTOR:
-            raise errors.OutOfRange(
-                f"array {self._spec.id}: LUN size {size} must be a positive multiple of {SECTOR}")
-
-    def _same_or_conflict(self, existing: Lun, *, size: int) -> Lun:
-        if existing.size != size:
-            raise errors.AlreadyExists(
-                f"array {self._spec.id}: LUN {existing.id} exists with {existing.size} bytes, not {size}")
-        return existing
-
-    def _lun(self, lun_id: str, *, path: str, size: int) -> Lun:
-        return Lun(array=self._spec.id, id=LunId(lun_id), size=size, address=path,
+    def _lun(self, lun_id: str, *, path: str, st: os.stat_result) -> Lun:
+        return Lun(array=self._spec.id, id=LunId(lun_id), size=st.st_size, address=path,
                    origin=self._origin(path))
 
-    def _lun_or_fail(self, lun_id: LunId) -> Lun:
-        lun = self.get_lun(lun_id=lun_id)
-        if lun is None:  # deleted by someone else right after we made it
-            raise errors.BackendError(f"array {self._spec.id}: LUN {lun_id} vanished after creation")
-        return lun
-
-    def _origin(self, path: str) -> LunOrigin:
-        try:
-            mark = os.getxattr(path, XATTR_ORIGIN, follow_symlinks=False)
-        except OSError:
-            return LunOrigin.DISCOVERED
-        return LunOrigin.PROVISIONED if mark == LunOrigin.PROVISIONED.value.encode() else LunOrigin.DISCOVERED
-
-    def _scan(self) -> Iterator[tuple[str, str, os.stat_result]]:
-        try:
-            entries = list(os.scandir(self._luns))
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: cannot list {self._luns}: {e}") from e
-        for entry in entries:
-            if not entry.name.endswith(LUN_SUFFIX):
-                continue
-            lun_id = entry.name[: -len(LUN_SUFFIX)]
-            if not valid_lun_id(lun_id):
-                if not entry.name.startswith("."):
-                    logger.warning("array %s: ignoring %s (not a valid LUN id)", self._spec.id, entry.path)
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                yield lun_id, entry.path, st
-
     def _materialise(self, lun_id: LunId, *, size: int, fill: _Fill, source: str = "") -> None:
-        """Build the LUN under a temp name, mark it, then link it into place.
-
-        link(2) fails with EEXIST instead of replacing, so two racing creators
-        cannot overwrite each other; a crash leaves only a `.tmp-` file."""
+        """Build the LUN under a temp name, mark it, then link it into place, so
+        a crash leaves only a `.tmp-` file."""
         tmp = os.path.join(self._luns, f"{TMP_PREFIX}{lun_id}-{uuid.uuid4().hex[:8]}")
-        final = self._path(lun_id)
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -331,100 +161,22 @@ class FilePoolDriver:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.link(tmp, final)
-        except FileExistsError as e:
-            raise errors.Conflict(f"array {self._spec.id}: LUN {lun_id} appeared concurrently") from e
+            self._publish(tmp, lun_id)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise errors.CapacityExceeded(f"array {self._spec.id}: {lun_id}: {e}") from e
-            if e.errno in (errno.ENOTSUP, errno.EXDEV, errno.EINVAL, errno.ENOTTY) and source:
-                raise errors.UnsupportedCapability(
-                    f"array {self._spec.id}: filesystem cannot reflink ({e})") from e
-            raise errors.BackendError(f"array {self._spec.id}: create {lun_id}: {e}") from e
+            raise self._create_error(e, lun_id, reflink=bool(source)) from e
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         self._fsync_dir()
 
-    def _usage(self) -> _Usage:
-        apparent = reserved = 0
-        for _, _, st in self._scan():
-            apparent += st.st_size
-            reserved += max(0, st.st_size - st.st_blocks * 512)
-        return _Usage(apparent=apparent, reserved=reserved)
+    def _probe_abilities(self) -> Ability:
+        found = Ability.GROW_LUN
+        if probe_reflink(self._root):
+            found |= Ability.INTERNAL_COPY
+        return found
 
-    def _capacity(self) -> tuple[int, int]:
-        try:
-            vfs = os.statvfs(self._root)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: statvfs {self._root}: {e}") from e
-        usage = self._usage()
-        total = vfs.f_blocks * vfs.f_frsize
-        free = vfs.f_bavail * vfs.f_frsize - usage.reserved
-        if self._cap is not None:
-            total = min(total, self._cap)
-            free = min(free, self._cap - usage.apparent)
-        return total, max(0, free)
-
-    def _check_room(self, *, apparent: int, reserve: int) -> None:
-        usage = self._usage()
-        if self._cap is not None and apparent and usage.apparent + apparent > self._cap:
-            raise errors.CapacityExceeded(
-                f"array {self._spec.id}: {usage.apparent} + {apparent} bytes exceeds capacity {self._cap}")
-        fs_free = 0
-        for attempt in range(SYNC_ATTEMPTS + 1):
-            vfs = os.statvfs(self._root)
-            fs_free = vfs.f_bavail * vfs.f_frsize - usage.reserved
-            if reserve <= fs_free:
-                return
-            if attempt < SYNC_ATTEMPTS:
-                # XFS and btrfs free a deleted file's blocks in the background;
-                # syncfs(2) makes them count before we say "full"
-                self._syncfs()
-        raise errors.CapacityExceeded(
-            f"array {self._spec.id}: needs {reserve} bytes, filesystem has {max(0, fs_free)} unpromised")
-
-    def _syncfs(self) -> None:
-        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if _libc_fn().syncfs(fd) != 0:
-                logger.debug("array %s: syncfs: %s", self._spec.id, os.strerror(ctypes.get_errno()))
-        finally:
-            os.close(fd)
-
-    def _probe(self) -> Ability:
-        if self._probed is None:
-            found = Ability.GROW_LUN
-            if probe_reflink(self._root):
-                found |= Ability.INTERNAL_COPY
-            self._probed = found
-            logger.info("array %s: probed %s on %s", self._spec.id, found.names(), self._root)
-        return self._probed
-
-    def _get_identity(self) -> ArrayIdentity:
-        if self._identity is None:
-            self._identity = ArrayIdentity(vendor="Linux", model=filesystem_type(self._root),
-                                           version=platform.release())
-        return self._identity
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            fd = os.open(os.path.join(self._root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: lock: {e}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self._luns, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _read_identity(self) -> ArrayIdentity:
+        return ArrayIdentity(vendor="Linux", model=filesystem_type(self._root), version=platform.release())
 
     def _sweep_stale_temps(self) -> None:
         now = time.time()
@@ -492,24 +244,9 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _libc_fn() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-        lib.fallocate.restype = ctypes.c_int
-        lib.syncfs.argtypes = [ctypes.c_int]
-        lib.syncfs.restype = ctypes.c_int
-        _libc = lib
-    return _libc
-
-
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
     """fallocate(PUNCH_HOLE|KEEP_SIZE); False when the filesystem cannot."""
-    rc = _libc_fn().fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    rc = libc().fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc == 0:
         return True
     err = ctypes.get_errno()

@@ -49,13 +49,10 @@ sum of virtual sizes.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import stat
 import struct
 import subprocess
 import time
@@ -67,7 +64,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from csi_virtvol import errors
 from csi_virtvol.backends.base import CopyProgress
-from csi_virtvol.backends.filepool import parse_size, valid_lun_id
+from csi_virtvol.backends._pool import TMP_PREFIX, XATTR_ORIGIN, XATTR_SOURCE, PoolDriver, valid_lun_id
 from csi_virtvol.backends.qmp import QmpError, QmpSession, qmp_session
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
@@ -75,12 +72,7 @@ from csi_virtvol.model.ids import LunId
 logger = logging.getLogger(__name__)
 
 KIND = "qsd"
-SECTOR = 512
-LUN_SUFFIX = ".img"
-TMP_PREFIX = ".tmp-"
 QCOW2_MAGIC = b"QFI\xfb"
-XATTR_ORIGIN = "user.csi-virtvol.origin"
-XATTR_SOURCE = "user.csi-virtvol.source"
 
 START_TIMEOUT = 15.0
 MOUNT_TIMEOUT = 15.0
@@ -151,33 +143,18 @@ def _h(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-class QsdDriver:
+class QsdDriver(PoolDriver):
     """An ArrayDriver, InternalCopyCapable, RemoteCopyCapable and DirtyTrackingCapable
     over one qemu-storage-daemon."""
 
     def __init__(self, spec: ArraySpec) -> None:
-        if spec.kind != KIND:
-            raise errors.InvalidRequest(f"array {spec.id}: kind {spec.kind!r} is not {KIND!r}")
-        pool = spec.params.get("pool", "")
-        if not pool:
-            raise errors.InvalidRequest(f"array {spec.id}: params.pool is required")
-        self._spec = spec
-        self._root = os.path.abspath(pool)
-        self._luns = os.path.join(self._root, "luns")
+        super().__init__(spec, kind=KIND, path_param="pool", subdirs=("mnt",))
         self._mnt = os.path.join(self._root, "mnt")
         self._qmp = spec.params.get("qmp") or os.path.join(self._root, "qmp.sock")
         self._nbd = NbdServer.parse(spec.params.get("nbd") or f"unix:{os.path.join(self._root, 'nbd.sock')}")
         self._start = spec.params.get("start", "").lower() in ("true", "yes", "1")
-        self._cap = parse_size(spec.params["capacity"]) if spec.params.get("capacity") else None
-        self._probed: Ability | None = None
-        self._identity: ArrayIdentity | None = None
         self._remote_done: dict[str, CopyProgress] = {}
         self._fuse: dict[str, subprocess.Popen[bytes]] = {}  # nbdfuse children, reaped on unmount
-        try:
-            os.makedirs(self._luns, exist_ok=True)
-            os.makedirs(self._mnt, exist_ok=True)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {spec.id}: cannot use {self._root}: {e}") from e
         self._ensure_daemon()
 
     # ---- daemon -----------------------------------------------------------------------------
@@ -240,37 +217,10 @@ class QsdDriver:
 
     # ---- ArrayDriver ---------------------------------------------------------------------
 
-    @property
-    def spec(self) -> ArraySpec:
-        return self._spec
-
-    def describe(self) -> ArrayInfo:
-        probed = self._probe()
-        total, free = self._capacity()
-        return ArrayInfo(
-            id=self._spec.id, kind=KIND, identity=self._get_identity(), probed=probed,
-            abilities=probed, capacity_total=total, capacity_free=free,
-            labels=dict(self._spec.labels), topology=dict(self._spec.topology),
-        )
-
     def create_lun(self, *, name: str, size: int) -> Lun:
-        lun_id = self._check_name(name)
-        self._check_size(size)
-        with self._locked():
-            existing = self.get_lun(lun_id=lun_id)
-            if existing is not None:
-                return self._same_or_conflict(existing, size=size)
-            self._check_room(apparent=size, reserve=size)
-            tmp = self._new_image(lun_id, size=size)
-            try:
-                self._publish(tmp, lun_id)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            with self._session() as qmp:
-                self._attach(qmp, lun_id)
-        logger.info("array %s: created LUN %s (%d bytes)", self._spec.id, lun_id, size)
-        return self._lun_or_fail(lun_id)
+        def make(lun_id: LunId) -> None:
+            self._install(self._new_image(lun_id, size=size), lun_id)
+        return self._create(name=name, size=size, make=make)
 
     def delete_lun(self, *, lun_id: LunId) -> None:
         if not valid_lun_id(lun_id):
@@ -281,47 +231,14 @@ class QsdDriver:
             self._unmount(lun_id)
             with self._session() as qmp:
                 self._detach(qmp, lun_id)
-            try:
-                os.unlink(self._path(lun_id))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise errors.BackendError(f"array {self._spec.id}: delete {lun_id}: {e}") from e
+            self._unlink_lun(lun_id)
             for leftover in (lun_id, f".{lun_id}.pid", f".{lun_id}.log"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._mnt, leftover))
         logger.info("array %s: deleted LUN %s", self._spec.id, lun_id)
 
-    def get_lun(self, *, lun_id: LunId) -> Lun | None:
-        if not valid_lun_id(lun_id):
-            return None
-        path = self._path(lun_id)
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise errors.BackendError(f"array {self._spec.id}: stat {path}: {e}") from e
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        return self._lun(lun_id, path=path, st=st)
-
-    def list_luns(self) -> list[Lun]:
-        return sorted((self._lun(i, path=p, st=st) for i, p, st in self._scan()), key=lambda lun: lun.id)
-
     def resize_lun(self, *, lun_id: LunId, size: int) -> Lun:
-        self._check_size(size)
-        with self._locked():
-            lun = self.get_lun(lun_id=lun_id)
-            if lun is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
-            if size < lun.size:
-                raise errors.InvalidRequest(
-                    f"array {self._spec.id}: LUN {lun_id} is {lun.size} bytes; cannot shrink to {size}")
-            if size == lun.size:
-                return lun
-            grow = size - lun.size
-            self._check_room(apparent=grow, reserve=grow)
+        def apply(lun: Lun) -> None:
             self._unmount(lun_id)  # nbdfuse fixed the file's size when it mounted
             with self._session() as qmp:
                 # an NBD export holds its node's size fixed: resize between exports
@@ -329,14 +246,11 @@ class QsdDriver:
                 self._unexport(qmp, lun_id)
                 qmp.execute("block_resize", {"node-name": node, "size": size})
                 self._attach(qmp, lun_id)
-        logger.info("array %s: grew LUN %s to %d bytes", self._spec.id, lun_id, size)
-        return self._lun_or_fail(lun_id)
+        return self._grow(lun_id=lun_id, size=size, apply=apply)
 
     def wipe_lun(self, *, lun_id: LunId) -> None:
         with self._locked():
-            lun = self.get_lun(lun_id=lun_id)
-            if lun is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            lun = self._require_lun(lun_id)
             self._unmount(lun_id)
             with self._session() as qmp:
                 self._detach(qmp, lun_id)
@@ -354,8 +268,7 @@ class QsdDriver:
 
     def open_path(self, *, lun_id: LunId) -> str:
         with self._locked():
-            if self.get_lun(lun_id=lun_id) is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            self._require_lun(lun_id)
             with self._session() as qmp:
                 self._attach(qmp, lun_id)
             return self._mount(lun_id)
@@ -367,14 +280,9 @@ class QsdDriver:
         content of `source` at the call, independent of it afterwards.  Idempotent by name."""
         lun_id = self._check_name(name)
         with self._locked():
-            src = self.get_lun(lun_id=source)
-            if src is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {source}")
-            existing = self.get_lun(lun_id=lun_id)
-            if existing is not None:
-                if existing.id == src.id:
-                    raise errors.InvalidRequest(f"array {self._spec.id}: cannot copy {source} onto itself")
-                return self._same_or_conflict(existing, size=src.size)
+            src, done = self._copy_begin(source=source, lun_id=lun_id)
+            if done is not None:
+                return done
             if Ability.INTERNAL_COPY not in self._probe():
                 raise errors.UnsupportedCapability(f"array {self._spec.id}: daemon has no blockdev-backup")
             self._check_room(apparent=src.size, reserve=src.size)
@@ -391,12 +299,11 @@ class QsdDriver:
                 finally:
                     with self._session() as qmp:
                         qmp.execute("blockdev-del", {"node-name": tmp_node})
-                self._publish(tmp, lun_id)
-            finally:
+            except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-            with self._session() as qmp:
-                self._attach(qmp, lun_id)
+                raise
+            self._install(tmp, lun_id)
         logger.info("array %s: backed up LUN %s -> %s", self._spec.id, source, lun_id)
         return self._lun_or_fail(lun_id)
 
@@ -459,8 +366,7 @@ class QsdDriver:
         if Ability.REMOTE_COPY not in self._probe():
             raise errors.UnsupportedCapability(f"array {self._spec.id}: daemon cannot back up to NBD")
         with self._locked():
-            if self.get_lun(lun_id=source) is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {source}")
+            self._require_lun(source)
             with self._session() as qmp:
                 if _find_job(qmp, _job_id(job)) is not None:
                     return  # already running: idempotent by job name
@@ -523,8 +429,7 @@ class QsdDriver:
         """Start a dirty bitmap `name` on the LUN (persistent in qcow2 images, so it
         survives a daemon restart).  Idempotent: a running bitmap is left as it is."""
         with self._locked():
-            if self.get_lun(lun_id=lun_id) is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            self._require_lun(lun_id)
             if Ability.DIRTY_TRACKING not in self._probe():
                 raise errors.UnsupportedCapability(f"array {self._spec.id}: daemon has no dirty bitmaps")
             with self._session() as qmp:
@@ -546,8 +451,7 @@ class QsdDriver:
         ``qemu:dirty-bitmap:`` meta context to ``nbdinfo --map``; export and copy
         are removed before this returns."""
         with self._locked():
-            if self.get_lun(lun_id=lun_id) is None:
-                raise errors.NotFound(f"array {self._spec.id}: no LUN {lun_id}")
+            self._require_lun(lun_id)
             with self._session() as qmp:
                 node = self._attach(qmp, lun_id)
                 if _bitmap(name) not in _bitmaps(qmp, node):
@@ -699,8 +603,15 @@ class QsdDriver:
 
     # ---- files --------------------------------------------------------------------------------
 
-    def _path(self, lun_id: str) -> str:
-        return os.path.join(self._luns, lun_id + LUN_SUFFIX)
+    def _install(self, tmp: str, lun_id: str) -> None:
+        """Publish the finished image `tmp` as LUN `lun_id` and attach it to the daemon."""
+        try:
+            self._publish(tmp, lun_id)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        with self._session() as qmp:
+            self._attach(qmp, lun_id)
 
     def _new_image(self, lun_id: str, *, size: int, origin: LunOrigin = LunOrigin.PROVISIONED,
                    source: str = "") -> str:
@@ -721,138 +632,34 @@ class QsdDriver:
             raise errors.BackendError(f"array {self._spec.id}: xattr on {tmp}: {e}") from e
         return tmp
 
-    def _publish(self, tmp: str, lun_id: str) -> None:
-        try:
-            os.link(tmp, self._path(lun_id))
-        except FileExistsError as e:
-            raise errors.Conflict(f"array {self._spec.id}: LUN {lun_id} appeared concurrently") from e
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise errors.CapacityExceeded(f"array {self._spec.id}: {lun_id}: {e}") from e
-            raise errors.BackendError(f"array {self._spec.id}: create {lun_id}: {e}") from e
-
-    def _check_name(self, name: str) -> LunId:
-        if not valid_lun_id(name):
-            raise errors.InvalidRequest(f"array {self._spec.id}: LUN name {name!r} is not a valid LUN id")
-        return LunId(name)
-
-    def _check_size(self, size: int) -> None:
-        if size <= 0 or size % SECTOR:
-            raise errors.OutOfRange(
-                f"array {self._spec.id}: LUN size {size} must be a positive multiple of {SECTOR}")
-
-    def _same_or_conflict(self, existing: Lun, *, size: int) -> Lun:
-        if existing.size != size:
-            raise errors.AlreadyExists(
-                f"array {self._spec.id}: LUN {existing.id} exists with {existing.size} bytes, not {size}")
-        return existing
-
     def _lun(self, lun_id: str, *, path: str, st: os.stat_result) -> Lun:
         return Lun(array=self._spec.id, id=LunId(lun_id), size=_virtual_size(path, st),
                    address=self._nbd.uri(lun_id), origin=self._origin(path))
 
-    def _lun_or_fail(self, lun_id: LunId) -> Lun:
-        lun = self.get_lun(lun_id=lun_id)
-        if lun is None:
-            raise errors.BackendError(f"array {self._spec.id}: LUN {lun_id} vanished after creation")
-        return lun
-
-    def _origin(self, path: str) -> LunOrigin:
-        try:
-            mark = os.getxattr(path, XATTR_ORIGIN, follow_symlinks=False)
-        except OSError:
-            return LunOrigin.DISCOVERED
-        return LunOrigin.PROVISIONED if mark == LunOrigin.PROVISIONED.value.encode() else LunOrigin.DISCOVERED
-
-    def _scan(self) -> Iterator[tuple[str, str, os.stat_result]]:
-        try:
-            entries = list(os.scandir(self._luns))
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: cannot list {self._luns}: {e}") from e
-        for entry in entries:
-            if not entry.name.endswith(LUN_SUFFIX):
-                continue
-            lun_id = entry.name[: -len(LUN_SUFFIX)]
-            if not valid_lun_id(lun_id):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                yield lun_id, entry.path, st
-
-    def _capacity(self) -> tuple[int, int]:
-        try:
-            vfs = os.statvfs(self._root)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: statvfs {self._root}: {e}") from e
-        apparent, reserved = self._usage()
-        total = vfs.f_blocks * vfs.f_frsize
-        free = vfs.f_bavail * vfs.f_frsize - reserved
-        if self._cap is not None:
-            total = min(total, self._cap)
-            free = min(free, self._cap - apparent)
-        return total, max(0, free)
-
-    def _usage(self) -> tuple[int, int]:
-        apparent = reserved = 0
-        for _, path, st in self._scan():
-            size = _virtual_size(path, st)
-            apparent += size
-            reserved += max(0, size - st.st_blocks * 512)
-        return apparent, reserved
-
-    def _check_room(self, *, apparent: int, reserve: int) -> None:
-        used, reserved = self._usage()
-        if self._cap is not None and used + apparent > self._cap:
-            raise errors.CapacityExceeded(
-                f"array {self._spec.id}: {used} + {apparent} bytes exceeds capacity {self._cap}")
-        vfs = os.statvfs(self._root)
-        fs_free = vfs.f_bavail * vfs.f_frsize - reserved
-        if reserve > fs_free:
-            raise errors.CapacityExceeded(
-                f"array {self._spec.id}: needs {reserve} bytes, filesystem has {max(0, fs_free)} unpromised")
+    def _lun_size(self, path: str, st: os.stat_result) -> int:
+        return _virtual_size(path, st)
 
     # ---- probe --------------------------------------------------------------------------------
 
-    def _probe(self) -> Ability:
-        if self._probed is None:
-            with self._session() as qmp:
-                commands = {c["name"] for c in qmp.execute("query-commands")}
-                found = Ability.NONE
-                if "block_resize" in commands:
-                    found |= Ability.GROW_LUN
-                if {"blockdev-backup", "blockdev-add", "query-jobs", "job-dismiss"} <= commands:
-                    found |= Ability.INTERNAL_COPY
-                    if _has_nbd_driver(qmp):
-                        found |= Ability.REMOTE_COPY
-                if "block-dirty-bitmap-add" in commands:
-                    found |= Ability.DIRTY_TRACKING
-            self._probed = found
-            logger.info("array %s: probed %s over %s", self._spec.id, found.names(), self._qmp)
-        return self._probed
+    def _probe_abilities(self) -> Ability:
+        with self._session() as qmp:
+            commands = {c["name"] for c in qmp.execute("query-commands")}
+            found = Ability.NONE
+            if "block_resize" in commands:
+                found |= Ability.GROW_LUN
+            if {"blockdev-backup", "blockdev-add", "query-jobs", "job-dismiss"} <= commands:
+                found |= Ability.INTERNAL_COPY
+                if _has_nbd_driver(qmp):
+                    found |= Ability.REMOTE_COPY
+            if "block-dirty-bitmap-add" in commands:
+                found |= Ability.DIRTY_TRACKING
+        return found
 
-    def _get_identity(self) -> ArrayIdentity:
-        if self._identity is None:
-            with self._session() as qmp:
-                v = qmp.execute("query-version")
-            q = v["qemu"]
-            self._identity = ArrayIdentity(vendor="QEMU", model="qsd",
-                                           version=f"{q['major']}.{q['minor']}.{q['micro']}")
-        return self._identity
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            fd = os.open(os.path.join(self._root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: lock: {e}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _read_identity(self) -> ArrayIdentity:
+        with self._session() as qmp:
+            v = qmp.execute("query-version")
+        q = v["qemu"]
+        return ArrayIdentity(vendor="QEMU", model="qsd", version=f"{q['major']}.{q['minor']}.{q['micro']}")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
