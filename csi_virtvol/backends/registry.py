@@ -30,6 +30,7 @@ DriverFactory = Callable[[ArraySpec], ArrayDriver]
 _BUILTIN: dict[str, str] = {
     "file": "csi_virtvol.backends.filepool:FilePoolDriver",
     "qsd": "csi_virtvol.backends.qsd:QsdDriver",
+    "lvm": "csi_virtvol.backends.lvm:LvmThinDriver",
 }
 
 # abilities that are not tied to an optional protocol: a driver "implements"
