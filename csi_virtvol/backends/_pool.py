@@ -16,6 +16,8 @@ subclass says how a LUN file becomes a `Lun` (`_lun`), what its size is
 """
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import ctypes
 import ctypes.util
@@ -67,7 +69,7 @@ class Usage:
     reserved: int  # sum over LUNs of max(0, size - allocated)
 
 
-class PoolDriver:
+class PoolDriver(abc.ABC):
     """Base of the drivers over ``<root>/luns/<id>.img``; not a driver by itself."""
 
     def __init__(self, spec: ArraySpec, *, kind: str, path_param: str, subdirs: tuple[str, ...] = ()) -> None:
@@ -93,17 +95,20 @@ class PoolDriver:
 
     # ---- what a subclass supplies -----------------------------------------------------------
 
+    @abc.abstractmethod
     def _lun(self, lun_id: str, *, path: str, st: os.stat_result) -> Lun:
-        raise NotImplementedError
+        """Each driver says."""
 
     def _lun_size(self, path: str, st: os.stat_result) -> int:
         return st.st_size
 
+    @abc.abstractmethod
     def _probe_abilities(self) -> Ability:
-        raise NotImplementedError
+        """Each driver says."""
 
+    @abc.abstractmethod
     def _read_identity(self) -> ArrayIdentity:
-        raise NotImplementedError
+        """Each driver says."""
 
     def _probe(self) -> Ability:
         if self._probed is None:
