@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from csi_virtvol import errors
+from csi_virtvol.backends.base import same_or_conflict
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 
@@ -214,10 +215,7 @@ class PoolDriver(abc.ABC):
                 f"array {self._spec.id}: LUN size {size} must be a positive multiple of {SECTOR}")
 
     def _same_or_conflict(self, existing: Lun, *, size: int) -> Lun:
-        if existing.size != size:
-            raise errors.AlreadyExists(
-                f"array {self._spec.id}: LUN {existing.id} exists with {existing.size} bytes, not {size}")
-        return existing
+        return same_or_conflict(self._spec.id, existing, size=size)
 
     def _require_lun(self, lun_id: LunId) -> Lun:
         lun = self.get_lun(lun_id=lun_id)

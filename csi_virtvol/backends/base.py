@@ -93,6 +93,14 @@ class DirtyTrackingCapable(Protocol):
     def stop_tracking(self, *, lun_id: LunId, name: str) -> None: ...
 
 
+def same_or_conflict(array: ArrayId, existing: Lun, *, size: int) -> Lun:
+    """create_lun's idempotency rule: the same name and size is the same LUN."""
+    if existing.size != size:
+        raise errors.AlreadyExists(
+            f"array {array}: LUN {existing.id} exists with {existing.size} bytes, not {size}")
+    return existing
+
+
 def require_internal_copy(driver: ArrayDriver, abilities: Ability) -> InternalCopyCapable:
     if Ability.INTERNAL_COPY in abilities and isinstance(driver, InternalCopyCapable):
         return driver

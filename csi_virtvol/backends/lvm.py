@@ -46,6 +46,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from csi_virtvol import errors
+from csi_virtvol.backends.base import same_or_conflict
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 
@@ -299,10 +300,7 @@ class LvmThinDriver:
                 f"VG's extent size {pool.extent}")
 
     def _same_or_conflict(self, existing: Lun, *, size: int) -> Lun:
-        if existing.size != size:
-            raise errors.AlreadyExists(
-                f"array {self._spec.id}: LUN {existing.id} exists with {existing.size} bytes, not {size}")
-        return existing
+        return same_or_conflict(self._spec.id, existing, size=size)
 
     def _lun(self, lv: _Lv) -> Lun:
         origin = LunOrigin.PROVISIONED if TAG_PROVISIONED in lv.tags else LunOrigin.DISCOVERED
