@@ -44,6 +44,24 @@ def _run(*argv: str) -> str:
     return proc.stdout
 
 
+# mkfs.btrfs refuses to run when any mount point on the machine does not answer stat
+# (a FUSE mount whose daemon died says ENOTCONN), though that mount has nothing to do
+# with our image.  So mkfs runs in a private mount namespace where such dead mounts
+# are detached first; the machine's own mount table is not touched.
+_MKFS_IN_PRIVATE_NS = r"""
+awk '{print $2}' /proc/self/mounts | while read -r m; do
+  m=$(printf '%b' "$m")
+  stat -- "$m" >/dev/null 2>&1 || umount -l -- "$m" 2>/dev/null || true
+done
+exec "$@"
+"""
+
+
+def _mkfs(argv: list[str], image: Path) -> None:
+    _run("unshare", "--mount", "--propagation", "private",
+         "sh", "-c", _MKFS_IN_PRIVATE_NS, "mkfs", *argv, str(image))
+
+
 @contextlib.contextmanager
 def loop_filesystem(fstype: str, workdir: Path, *, size: int = IMAGE_SIZE,
                     mkfs: list[str] | None = None, options: str = "") -> Iterator[Path]:
@@ -59,7 +77,7 @@ def loop_filesystem(fstype: str, workdir: Path, *, size: int = IMAGE_SIZE,
         stack.callback(lambda: image.unlink(missing_ok=True))
         with open(image, "wb") as f:
             f.truncate(size)
-        _run(*argv, str(image))
+        _mkfs(argv, image)
         dev = _run("losetup", "--find", "--show", str(image)).strip()
         stack.callback(_detach, dev)
         _run("mount", "-t", fstype, *(["-o", options] if options else []), dev, str(mnt))
