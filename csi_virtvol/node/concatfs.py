@@ -242,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "entry_timeout": 0,
         "negative_timeout": 0,
         "default_permissions": True,
+        # libfuse mounts through fusermount3, which stays behind and detaches the mount
+        # if this daemon dies: a killed daemon must not leave a mount point that answers
+        # every stat with ENOTCONN (that breaks unrelated tools, e.g. mkfs.btrfs).
+        "auto_unmount": True,
     }
     if table.readonly:
         options["ro"] = True

@@ -372,6 +372,14 @@ def test_condition_reports_a_dead_daemon_and_unstage_still_cleans_up(
         if concat.daemon_pid(_workdir(stager, "d")) is None:
             break
         time.sleep(0.05)
+    # fusermount3 (auto_unmount) detaches the dead daemon's mount: no mount point is
+    # left that answers ENOTCONN to whoever walks the mount table.
+    mnt = os.path.join(_workdir(stager, "d"), "mnt")
+    for _ in range(200):
+        if fs.mount_info(mnt) is None:
+            break
+        time.sleep(0.05)
+    assert fs.mount_info(mnt) is None
     cond = stager.condition("d")
     assert cond.abnormal and "daemon" in cond.message
     stager.unstage("d", staging)
