@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from csi_virtvol import errors
 from csi_virtvol.config import load_config, parse_size
@@ -110,6 +113,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def step(text: str) -> None:
         print(f"\n== {text}", flush=True)
 
+    # Whatever happens (an error, Ctrl-C, SIGTERM), the demo takes down what it set up:
+    # mounts and loop devices outlive the process otherwise.
+    undo = contextlib.ExitStack()
+
+    def quietly(fn: Any, req: Any) -> None:
+        try:
+            cl.call(fn, req)
+        except Exception as e:  # noqa: BLE001 - best effort, already failing
+            print(f"(cleanup: {e})", file=sys.stderr)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cl.wait_ready()
         step("plugin")
@@ -119,12 +136,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "demo-volume", 96 << 20, parameters={"layout": "concat", "maxExtentSize": "48Mi"}, fs_type="ext4"))
         print(C.dumps(vol))
         vid = vol["volume"]["volume_id"]
+        undo.callback(quietly, cl.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
+        undo.callback(quietly, cl.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(
+            volume_id=vid, node_id=args.node_id))
         step("publish to this node")
         ctx = cl.call(cl.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
             volume_id=vid, node_id=args.node_id, volume_capability=C.capability(fs_type="ext4")))
         if os.geteuid() == 0:
             staging, target = f"{data}/staging", f"{data}/target"
             os.makedirs(staging, exist_ok=True)
+            undo.callback(quietly, cl.node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(
+                volume_id=vid, staging_target_path=staging))
+            undo.callback(quietly, cl.node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(
+                volume_id=vid, target_path=target))
             step("stage (assemble one block device, mkfs ext4, mount) and publish")
             cap = C.capability(fs_type="ext4")
             cl.call(cl.node.NodeStageVolume, pb.NodeStageVolumeRequest(
@@ -175,8 +199,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if not f.startswith(".")] if os.path.isdir(f"{data}/arrays/pool-a/luns") else []
         print(f"LUN files left behind: {len(left)}")
         print("\ndemo finished: OK")
+        undo.pop_all()
         return 0
     finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            undo.close()
         cl.close()
         stop.set()
         server.join(timeout=15)
