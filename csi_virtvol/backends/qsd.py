@@ -68,6 +68,7 @@ from csi_virtvol.backends._pool import TMP_PREFIX, XATTR_ORIGIN, XATTR_SOURCE, P
 from csi_virtvol.backends.qmp import QmpError, QmpSession, qmp_session
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
+from csi_virtvol.transport import nbdfuse
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ KIND = "qsd"
 QCOW2_MAGIC = b"QFI\xfb"
 
 START_TIMEOUT = 15.0
-MOUNT_TIMEOUT = 15.0
 JOB_TIMEOUT = 3600.0
 POLL = 0.02
 BITMAP_GRANULARITY = 64 * 1024
@@ -154,7 +154,6 @@ class QsdDriver(PoolDriver):
         self._nbd = NbdServer.parse(spec.params.get("nbd") or f"unix:{os.path.join(self._root, 'nbd.sock')}")
         self._start = spec.params.get("start", "").lower() in ("true", "yes", "1")
         self._remote_done: dict[str, CopyProgress] = {}
-        self._fuse: dict[str, subprocess.Popen[bytes]] = {}  # nbdfuse children, reaped on unmount
         self._ensure_daemon()
 
     # ---- daemon -----------------------------------------------------------------------------
@@ -552,54 +551,13 @@ class QsdDriver(PoolDriver):
     # ---- nbdfuse ------------------------------------------------------------------------------
 
     def _mount(self, lun_id: str) -> str:
-        point = os.path.join(self._mnt, lun_id)
-        if _is_mounted(point):
-            try:
-                os.stat(point)
-                return point
-            except OSError as e:  # nbdfuse died: ENOTCONN
-                logger.warning("array %s: stale mount %s (%s); remounting", self._spec.id, point, e)
-                self._unmount(lun_id)
-        with open(point, "ab"):
-            pass
-        pidfile = os.path.join(self._mnt, f".{lun_id}.pid")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pidfile)
-        log = os.path.join(self._mnt, f".{lun_id}.log")  # nbdfuse outlives this call: not a pipe
-        argv = ["nbdfuse", "-P", pidfile, point, self._nbd.uri(lun_id)]
         try:
-            with open(log, "ab") as err:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                        start_new_session=True)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: cannot run nbdfuse: {e}") from e
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not (os.path.exists(pidfile) and _is_mounted(point)):
-            if proc.poll() is not None:
-                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} exited "
-                                          f"({proc.returncode}): {_tail(log)}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise errors.BackendError(f"array {self._spec.id}: nbdfuse {lun_id} did not mount: {_tail(log)}")
-            time.sleep(POLL)
-        self._fuse[lun_id] = proc
-        logger.debug("array %s: mounted %s at %s", self._spec.id, lun_id, point)
-        return point
+            return nbdfuse.mount(self._nbd.uri(lun_id), os.path.join(self._mnt, lun_id))
+        except errors.VirtvolError as e:
+            raise type(e)(f"array {self._spec.id}: LUN {lun_id}: {e}") from e
 
     def _unmount(self, lun_id: str) -> None:
-        point = os.path.join(self._mnt, lun_id)
-        if not _is_mounted(point):
-            return
-        proc = subprocess.run(["fusermount3", "-u", point], capture_output=True, text=True, check=False)
-        if proc.returncode != 0 and _is_mounted(point):
-            logger.warning("array %s: %s busy (%s); lazy unmount", self._spec.id, point, proc.stderr.strip())
-            subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, check=False)
-            self._fuse.pop(lun_id, None)  # exits when its last user goes; Popen reaps it later
-            return
-        child = self._fuse.pop(lun_id, None)
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=MOUNT_TIMEOUT)
+        nbdfuse.unmount(os.path.join(self._mnt, lun_id))
 
     # ---- files --------------------------------------------------------------------------------
 
@@ -723,27 +681,6 @@ def _virtual_size(path: str, st: os.stat_result) -> int:
     return st.st_size
 
 
-def _tail(path: str, limit: int = 2000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _is_mounted(point: str) -> bool:
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4].replace("\\040", " ") == point:
-                    return True
-    except OSError:
-        return False
-    return False
-
-
 def stop_daemon(spec: ArraySpec) -> None:
     """Stop the daemon of `spec` (and its nbdfuse mounts) without starting one."""
     if not spec.params.get("pool"):
@@ -752,8 +689,7 @@ def stop_daemon(spec: ArraySpec) -> None:
     mnt = os.path.join(pool, "mnt")
     with contextlib.suppress(OSError):
         for entry in os.scandir(mnt):
-            if _is_mounted(entry.path):
-                subprocess.run(["fusermount3", "-u", "-z", entry.path], capture_output=True, check=False)
+            nbdfuse.unmount_lazily(entry.path)
     qmp = spec.params.get("qmp") or os.path.join(pool, "qmp.sock")
     with contextlib.suppress(errors.BackendUnavailable), qmp_session(qmp) as session:
         session.execute("quit")

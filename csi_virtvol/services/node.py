@@ -23,6 +23,7 @@ from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.services.publish import extents_from_context
 from csi_virtvol.store import base as S
 from csi_virtvol.store.base import StateStore
+from csi_virtvol.transport import Attacher
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class NodeService:
         self._store = store
         self._locks = locks
         self._stager = node_stager.Stager(config.node_state_dir)
+        self._attacher = Attacher(os.path.join(config.node_state_dir, "attach"))
         self.fences = FenceKeeper(node_id=config.node_id, store=store, stager=self._stager)
 
     def info(self) -> NodeInfo:
@@ -61,13 +63,15 @@ class NodeService:
         return rec.value
 
     def _backing(self, vol: VirtualVolume) -> list[BackingExtent]:
-        out = []
+        """The volume's extents over local paths: each LUN's address attached to this node."""
+        addresses = []
         for e in vol.extents:
             lun = self._store.get(S.LUNS, f"{e.array}:{e.lun}")
             if lun is None or not lun.value.address:
                 raise errors.NotFound(f"LUN {e.array}/{e.lun} of volume {vol.id} is not recorded")
-            out.append(BackingExtent(path=lun.value.address, offset=e.offset, length=e.length))
-        return out
+            addresses.append(lun.value.address)
+        paths = self._attacher.attach(user=vol.id, addresses=addresses)
+        return [BackingExtent(path=p, offset=e.offset, length=e.length) for p, e in zip(paths, vol.extents)]
 
     def stage(self, volume_id: str, staging_path: str, *, capability: Capability,
               publish_context: Mapping[str, str]) -> None:
@@ -82,7 +86,8 @@ class NodeService:
             if rec is not None and rec.value.kind is VolumeKind.VOLUME:
                 extents = self._backing(rec.value)
             elif given is not None:
-                extents = [BackingExtent(path=p, offset=o, length=n) for p, o, n in given]
+                paths = self._attacher.attach(user=volume_id, addresses=[a for a, _, _ in given])
+                extents = [BackingExtent(path=p, offset=o, length=n) for p, (_, o, n) in zip(paths, given)]
             else:
                 raise errors.NotFound(f"volume {volume_id} does not exist")
             access: node_stager.Access = "block" if capability.access_type is AccessType.BLOCK else "mount"
@@ -98,6 +103,8 @@ class NodeService:
     def unstage(self, volume_id: str, staging_path: str) -> None:
         with self._locks.hold(volume_id):
             self._stager.unstage(volume_id, staging_path)
+            if self._stager.get(volume_id) is None:
+                self._attacher.detach_user(user=volume_id)
 
     def publish(self, volume_id: str, staging_path: str, target_path: str, *, capability: Capability,
                 readonly: bool) -> None:

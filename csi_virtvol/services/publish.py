@@ -25,8 +25,14 @@ CTX_SIZE = "virtvol.csi.example.org/size"
 
 
 def publish_context(vol: VirtualVolume, arrays: ArrayPool) -> dict[str, str]:
-    """The extents as [path, offset, length] in concatenation order."""
-    extents = [[arrays.driver(e.array).open_path(lun_id=e.lun), e.offset, e.length] for e in vol.extents]
+    """The extents as [LUN address, offset, length] in concatenation order; the node
+    attaches each address (a path, an NBD URI, ...) itself."""
+    extents = []
+    for e in vol.extents:
+        lun = arrays.driver(e.array).get_lun(lun_id=e.lun)
+        if lun is None:
+            raise errors.NotFound(f"LUN {e.array}/{e.lun} of volume {vol.id} is gone")
+        extents.append([lun.address, e.offset, e.length])
     return {CTX_EXTENTS: json.dumps(extents, separators=(",", ":")), CTX_SIZE: str(vol.size)}
 
 
