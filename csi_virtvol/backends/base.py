@@ -75,7 +75,11 @@ class RemoteCopyCapable(Protocol):
 
     def can_reach(self, *, target: ArrayInfo) -> bool: ...
 
-    def start_remote_copy(self, *, source: LunId, target_address: str, job: str) -> None: ...
+    def start_remote_copy(self, *, source: LunId, target_address: str, job: str,
+                          since: str = "") -> None:
+        """Push `source` into the LUN at `target_address` (same size); idempotent by `job`.
+        `since` names a `DirtyTrackingCapable` tracking of `source`: copy only what
+        was written since it started or since the last successful copy with it."""
 
     def remote_copy_progress(self, *, job: str) -> CopyProgress: ...
 

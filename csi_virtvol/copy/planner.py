@@ -100,6 +100,7 @@ class CopyPlan:
                 else ExtentCopyState.PENDING,
                 bytes_total=s.length,
                 bytes_done=s.length if s.method is CopyMethod.INTERNAL else 0,
+                source_lun=lun_key(s.source.array, s.source.lun),
             )
             for s in self.for_target(target)
         )

@@ -37,6 +37,7 @@ class ExtentCopy:
     bytes_done: int = 0
     bytes_written: int = 0  # what the last host copy or resync really wrote (holes and equal data skipped)
     message: str = ""
+    source_lun: str = ""  # "array:lun" the piece is read from (seed table 140: the pair's source)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from csi_virtvol import errors
-from csi_virtvol.backends.base import require_internal_copy
+from csi_virtvol.backends.base import RemoteCopyCapable, require_internal_copy, require_remote_copy
 from csi_virtvol.config import TOPOLOGY_NODE_KEY
 from csi_virtvol.copy import planner
 from csi_virtvol.model.allocation import ALIGN, Candidate, Layout, LunNamer, plan_extents
@@ -35,7 +35,7 @@ from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
 from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import failpoints
+from csi_virtvol.services import failpoints, tracking
 from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
@@ -210,7 +210,15 @@ class SnapshotService:
 
     # -- planning -----------------------------------------------------------
     def _reachable(self, a: ArrayId, b: ArrayId) -> bool:
-        return a == b
+        """Whether array `a` can push a LUN to array `b` by itself (remote copy)."""
+        if a == b:
+            return True
+        try:
+            driver = self._arrays.driver(a)
+            target = self._arrays.info(b, fresh=False)
+        except errors.VirtvolError:
+            return False
+        return isinstance(driver, RemoteCopyCapable) and driver.can_reach(target=target)
 
     def _begin(self, *, target_id: VolumeId, name: str, source: VirtualVolume, kind: VolumeKind, size: int,
                requested: list[str], parameters: dict[str, str], mutable: dict[str, str] | None = None,
@@ -305,6 +313,7 @@ class SnapshotService:
             self._wait_frozen(pair_id)
         failpoints.hit("copy-fenced")
         self._make_luns(source, target)
+        tracking.start(self._arrays, pair)  # from the cut on, for a differential resync
         failpoints.hit("copy-luns-made")
         def mark(p: Pair) -> Pair:
             return dataclasses.replace(p, cut_at=time.time())
@@ -457,11 +466,12 @@ class SnapshotService:
             if row.method is CopyMethod.INTERNAL:  # the clone was made at the cut
                 self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total)
                 continue
-            if row.method is not CopyMethod.HOST:
-                raise errors.UnsupportedCapability(f"{row.method.value} copy is not available here")
             step = steps[row.index]
             resync = pair.targets[0].state is PairState.RESYNCING
-            self._host_copy(vid, row, step, stop, source, only_changed=resync)
+            if row.method is CopyMethod.REMOTE:
+                self._remote_copy(vid, row, step, stop, resync=resync)
+            else:
+                self._host_copy(vid, row, step, stop, source, only_changed=resync)
         if stop.is_set():
             return
         self._finish(vid)
@@ -501,6 +511,53 @@ class SnapshotService:
                 log.warning("host copy %s stopped (%s); restarting from its checkpoint", job, st.message)
                 self._runner.start(copy)
         self._runner.cancel(job)
+
+    def _remote_copy(self, vid: str, row: ExtentCopy, step: planner.CopyStep, stop: threading.Event,
+                     *, resync: bool) -> None:
+        """The source array pushes the whole source LUN into the target LUN (seed 330).
+        A resync pushes only what the pair's tracking saw written since the last copy."""
+        src_array = step.source.array
+        pusher = require_remote_copy(self._arrays.driver(src_array),
+                                     self._arrays.info(src_array, fresh=False).abilities)
+        target = self._arrays.driver(step.target_extent.array).get_lun(lun_id=step.target_extent.lun)
+        if target is None:
+            raise errors.NotFound(f"target LUN {step.target_extent.array}/{step.target_extent.lun} is gone")
+        job = f"{vid}-{row.index}"
+        since = ""
+        if resync and tracking.tracker(self._arrays, src_array) is not None:
+            since = tracking.name_for(vid)
+        self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
+
+        def launch() -> None:
+            try:
+                pusher.start_remote_copy(source=step.source.lun, target_address=target.address, job=job,
+                                         since=since)
+            except errors.NotFound:
+                if not since:
+                    raise
+                log.warning("pair %s: tracking of %s is gone; pushing it whole", vid, step.source.lun)
+                pusher.start_remote_copy(source=step.source.lun, target_address=target.address, job=job)
+
+        launch()
+        attempts = 0
+        while not stop.wait(POLL):
+            try:
+                st = pusher.remote_copy_progress(job=job)
+            except errors.NotFound:  # the array forgot the job (restart): push again, the source is fenced
+                attempts += 1
+                if attempts > 3:
+                    raise errors.BackendError(f"remote copy of extent {row.index} keeps vanishing") from None
+                launch()
+                continue
+            if st.done and st.error:
+                raise errors.BackendError(f"remote copy of extent {row.index} failed: {st.error}")
+            if st.done:
+                self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total,
+                              written=st.bytes_total)
+                return
+            if st.bytes_total:
+                self._set_row(vid, row.index, done=row.bytes_total * st.bytes_done // st.bytes_total)
+        pusher.cancel_remote_copy(job=job)
 
     def _copy_node(self, step: planner.CopyStep) -> str:
         """A node that reaches both arrays: the one they are pinned to, if any."""
@@ -642,12 +699,27 @@ class SnapshotService:
         pair = self._store.get(S.PAIRS, vid)
         if pair is not None:
             for row in pair.value.targets[0].extents:
-                self._runner.forget(f"{vid}-{row.index}")
+                if row.method is CopyMethod.REMOTE:
+                    self._cancel_remote(row, f"{vid}-{row.index}")
+                else:
+                    self._runner.forget(f"{vid}-{row.index}")
             self._release(pair.value)
         vol = self._store.get(S.VOLUMES, vid)
         if vol is not None:
             self._volumes.destroy(vol.value)
         self._store.delete(S.PAIRS, vid)
+
+    def _cancel_remote(self, row: ExtentCopy, job: str) -> None:
+        array = ArrayId(row.source_lun.partition(":")[0])
+        try:
+            driver = self._arrays.driver(array)
+        except errors.VirtvolError:
+            return
+        if isinstance(driver, RemoteCopyCapable):
+            try:
+                driver.cancel_remote_copy(job=job)
+            except errors.VirtvolError as e:
+                log.warning("could not cancel remote copy %s: %s", job, e)
 
     def _discard_locked(self, vid: str) -> None:
         """DeleteVolume of a clone still being filled."""

@@ -27,6 +27,7 @@ from csi_virtvol.model.ids import ArrayId, LunId, Revision, VolumeId
 from csi_virtvol.model.volume import Extent, VirtualVolume, VolumeKind, VolumeState, volume_address
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import OWNED_PREFIXES, ArrayPool, TopologyFilter
+from csi_virtvol.services import tracking
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.store import base as S
 from csi_virtvol.store.base import StateStore
@@ -223,7 +224,8 @@ class VolumeService:
                 groups.setdefault(tuple(sorted(i.topology.items())), []).append(i)
         if not groups:
             return [shared] if shared else []
-        return [g + [s for s in shared] for g in groups.values()]
+        # each group keeps the order asked for (parameter `arrays` is a preference order)
+        return [[i for i in infos if i in g or not i.topology] for g in groups.values()]
 
     def _plan(self, *, vid: VolumeId, req: CreateVolume, size: int, place: P.Placement) -> VirtualVolume:
         segments = list(req.preferred) + [s for s in req.requisite if s not in req.preferred]
@@ -361,6 +363,9 @@ class VolumeService:
             self._free_extent(vol.id, e)
         # pair dissolution (seed [0084]): the pair this volume is the copy of goes, and so do the
         # split pairs it is the source of (their copies stay, as static images)
+        own = self._store.get(S.PAIRS, vol.id)
+        if own is not None:
+            tracking.stop(self._arrays, own.value)
         self._store.delete(S.PAIRS, vol.id)
         for rec in self._store.find(S.PAIRS, index="source", value=vol.id):
             self._store.delete(S.PAIRS, rec.value.id)

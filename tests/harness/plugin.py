@@ -81,8 +81,10 @@ def unique(prefix: str = "vol") -> str:
 
 
 @contextmanager
-def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str, str]]]) -> Iterator[Plugin]:
-    """pools: (array id, directory, capacity bytes (0: the filesystem's), labels)."""
+def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str, str]]],
+                   extra_arrays: Sequence[dict[str, object]] = ()) -> Iterator[Plugin]:
+    """pools: (array id, directory, capacity bytes (0: the filesystem's), labels) of file
+    pools; extra_arrays: more entries of the config's `arrays` (other driver kinds)."""
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     arrays = []
@@ -91,6 +93,7 @@ def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str
         if cap:
             params["capacity"] = str(cap)
         arrays.append({"id": aid, "kind": "file", "params": params, "labels": labels})
+    arrays += [dict(a) for a in extra_arrays]
     cfg_file = workdir / "config.yaml"
     cfg_file.write_text(yaml.safe_dump({"arrays": arrays}))
     sock = f"/tmp/virtvol-{uuid.uuid4().hex[:12]}.sock"  # short: unix socket paths are limited
