@@ -97,6 +97,29 @@ class DirtyTrackingCapable(Protocol):
     def stop_tracking(self, *, lun_id: LunId, name: str) -> None: ...
 
 
+@runtime_checkable
+class AllocationMapCapable(Protocol):
+    """Which parts of a LUN hold data (for SnapshotMetadata's allocated blocks).
+    A driver without it: every byte of a LUN counts as allocated."""
+
+    def allocated_ranges(self, *, lun_id: LunId, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) of the data ranges of the LUN inside the window
+        [offset, offset + length), in order, clipped to the window; holes
+        (which read back as zeros) are left out."""
+
+
+@runtime_checkable
+class HostAccessCapable(Protocol):
+    """Arrays that fence LUNs per host (a SAN target's ACL): ControllerPublish
+    grants the node's initiator, ControllerUnpublish revokes it."""
+
+    def grant_access(self, *, lun_id: LunId, initiator: str) -> None:
+        """Let `initiator` (e.g. an iSCSI IQN) reach the LUN; idempotent."""
+
+    def revoke_access(self, *, lun_id: LunId, initiator: str) -> None:
+        """Take the LUN away from `initiator`; idempotent (a missing LUN too)."""
+
+
 def same_or_conflict(array: ArrayId, existing: Lun, *, size: int) -> Lun:
     """create_lun's idempotency rule: the same name and size is the same LUN."""
     if existing.size != size:
@@ -136,5 +159,6 @@ def implemented_abilities(driver: object) -> Ability:
 
 
 __all__ = ["ArrayDriver", "InternalCopyCapable", "RemoteCopyCapable", "DirtyTrackingCapable",
+           "AllocationMapCapable",
            "CopyProgress", "require_internal_copy", "require_remote_copy", "require_dirty_tracking",
            "implemented_abilities", "ArrayId"]

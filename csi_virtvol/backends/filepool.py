@@ -38,7 +38,7 @@ import platform
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from csi_virtvol import errors
 from csi_virtvol.backends._pool import LUN_SUFFIX as LUN_SUFFIX
@@ -63,7 +63,7 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class FilePoolDriver(PoolDriver):
-    """An ArrayDriver (and InternalCopyCapable) over a directory of sparse files."""
+    """An ArrayDriver (and InternalCopyCapable, AllocationMapCapable) over a directory of sparse files."""
 
     def __init__(self, spec: ArraySpec) -> None:
         super().__init__(spec, kind=KIND, path_param="path")
@@ -138,6 +138,17 @@ class FilePoolDriver(PoolDriver):
                 os.close(src_fd)
         logger.info("array %s: reflinked LUN %s -> %s", self._spec.id, source, lun_id)
         return self._lun_or_fail(lun_id)
+
+    # ---- AllocationMapCapable ---------------------------------------------------------------
+
+    def allocated_ranges(self, *, lun_id: LunId, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """The LUN file's data ranges in the window, from SEEK_DATA/SEEK_HOLE
+        (filesystem block granularity; a filesystem without them reports all data)."""
+        lun = self._require_lun(lun_id)
+        try:
+            return iter(data_ranges(lun.address, offset=offset, length=length))
+        except OSError as e:
+            raise errors.BackendError(f"array {self._spec.id}: map {lun_id}: {e}") from e
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -240,6 +251,31 @@ def filesystem_type(path: str) -> str:
     return fstype
 
 
+def data_ranges(path: str, *, offset: int, length: int) -> list[tuple[int, int]]:
+    """(offset, length) of the data (not holes) of file `path` inside
+    [offset, offset + length), by lseek(SEEK_DATA / SEEK_HOLE)."""
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        end = min(offset + length, os.fstat(fd).st_size)
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            out.append((data, hole - data))
+            pos = hole
+    finally:
+        os.close(fd)
+    return out
+
+
 def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -256,4 +292,4 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
 
 
 __all__ = ["FilePoolDriver", "KIND", "FICLONE", "SECTOR", "valid_lun_id", "parse_size",
-           "probe_reflink", "filesystem_type"]
+           "probe_reflink", "filesystem_type", "data_ranges"]

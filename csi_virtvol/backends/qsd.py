@@ -484,8 +484,30 @@ class QsdDriver(PoolDriver):
                     qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": _bitmap(name)})
         logger.info("array %s: stopped tracking %s of %s", self._spec.id, name, lun_id)
 
+    # ---- AllocationMapCapable ---------------------------------------------------------------
+
+    def allocated_ranges(self, *, lun_id: LunId, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """The LUN's data ranges in the window: the export's ``base:allocation``
+        map (``nbdinfo --map``), every extent that is not a hole, clipped."""
+        with self._locked():
+            self._require_lun(lun_id)
+            with self._session() as qmp:
+                self._attach(qmp, lun_id)
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        for off, size in self._read_nbd_map(lun_id, "base:allocation", want_set=False):
+            lo, hi = max(off, offset), min(off + size, end)
+            if lo < hi:
+                out.append((lo, hi - lo))
+        return iter(out)
+
     def _read_dirty_map(self, export: str, bitmap: str) -> list[tuple[int, int]]:
-        argv = ["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", self._nbd.uri(export)]
+        return self._read_nbd_map(export, f"qemu:dirty-bitmap:{bitmap}", want_set=True)
+
+    def _read_nbd_map(self, export: str, context: str, *, want_set: bool) -> list[tuple[int, int]]:
+        """The merged extents of `context` on `export` whose type bit 0 (dirty;
+        for base:allocation, hole) is set (`want_set`) or clear."""
+        argv = ["nbdinfo", "--json", f"--map={context}", self._nbd.uri(export)]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=JOB_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -498,7 +520,7 @@ class QsdDriver(PoolDriver):
             raise errors.BackendError(f"array {self._spec.id}: nbdinfo --map: bad JSON") from e
         out: list[tuple[int, int]] = []
         for entry in entries:
-            if not int(entry["type"]) & 1:
+            if bool(int(entry["type"]) & 1) is not want_set:
                 continue
             off, length = int(entry["offset"]), int(entry["length"])
             if out and out[-1][0] + out[-1][1] == off:
