@@ -16,6 +16,7 @@ from csi_virtvol.services.events import EventSink
 from csi_virtvol.services.snapshots import SnapshotService
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
+from csi_virtvol.services.metadata import SnapshotMetadataService
 from csi_virtvol.services.publish import PublishService, node_record
 from csi_virtvol.services.volumes import VolumeService
 from csi_virtvol.store.base import StateStore
@@ -42,6 +43,7 @@ class ControllerCore:
     volumes: VolumeService
     publish: PublishService
     snapshots: SnapshotService
+    metadata: SnapshotMetadataService
 
 
 def build_controller(config: Config, store: StateStore, locks: KeyedLocks, *,
@@ -58,7 +60,8 @@ def build_controller(config: Config, store: StateStore, locks: KeyedLocks, *,
     if single or is_leader():
         volumes.recover()
     snapshots.resume(orphan_age=0.0 if single else 60.0)
-    return ControllerCore(arrays=arrays, volumes=volumes, publish=publish, snapshots=snapshots)
+    return ControllerCore(arrays=arrays, volumes=volumes, publish=publish, snapshots=snapshots,
+                          metadata=SnapshotMetadataService(volumes=volumes, arrays=arrays))
 
 
 def copy_bandwidth(config: Config, vol: VirtualVolume) -> int:
@@ -103,6 +106,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     from csi_virtvol.csi.node import NodeServicer
     from csi_virtvol.csi.pairs import PairsServicer
     from csi_virtvol.csi.server import build_server
+    from csi_virtvol.csi.snapshot_metadata import SnapshotMetadataServicer
     from csi_virtvol.services.node import NodeService
 
     store = open_store(config)
@@ -112,6 +116,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     loops: list[tuple[str, Callable[[threading.Event], None]]] = []
     controller = None
     pairs = None
+    metadata = None
     core = None
     if config.mode.controller:
         parts = cluster_parts(config) if config.store == "crd" else None
@@ -120,6 +125,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
                                 is_leader=parts.is_leader if parts else (lambda: True))
         controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots)
         pairs = PairsServicer(snapshots=core.snapshots)
+        metadata = SnapshotMetadataServicer(service=core.metadata)
         loops += [(f"lease-{i}", t) for i, t in enumerate(parts.threads if parts else ())]
         loops.append(("reconcile", core.snapshots.reconcile))
         leader = parts.is_leader if parts else (lambda: True)
@@ -135,9 +141,10 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     threads = [threading.Thread(target=loop, args=(background,), name=name, daemon=True) for name, loop in loops]
     for t in threads:
         t.start()
-    identity = IdentityServicer(controller=config.mode.controller, ready=ready.is_set)
+    identity = IdentityServicer(controller=config.mode.controller, ready=ready.is_set,
+                                snapshot_metadata=metadata is not None)
     server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node,
-                          pairs=pairs)
+                          pairs=pairs, snapshot_metadata=metadata)
     server.start()
     ready.set()
     log.info("csi-virtvol serving (mode=%s, node=%s, store=%s, data-dir=%s)",

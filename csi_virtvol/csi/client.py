@@ -32,6 +32,7 @@ class Client:
         self.controller = rpc.ControllerStub(self._channel)
         self.node = rpc.NodeStub(self._channel)
         self.pairs = vrpc.PairsStub(self._channel)
+        self.snapshot_metadata = rpc.SnapshotMetadataStub(self._channel)
         self.timeout = timeout
 
     def close(self) -> None:

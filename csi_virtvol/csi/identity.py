@@ -13,9 +13,10 @@ Cap = pb.PluginCapability
 
 
 class IdentityServicer(rpc.IdentityServicer):  # type: ignore[misc]
-    def __init__(self, *, controller: bool, ready: Callable[[], bool]) -> None:
+    def __init__(self, *, controller: bool, ready: Callable[[], bool], snapshot_metadata: bool = False) -> None:
         self._controller = controller
         self._ready = ready
+        self._snapshot_metadata = snapshot_metadata
 
     def GetPluginInfo(self, request: pb.GetPluginInfoRequest, context: grpc.ServicerContext) -> pb.GetPluginInfoResponse:
         return pb.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=VERSION,
@@ -27,6 +28,8 @@ class IdentityServicer(rpc.IdentityServicer):  # type: ignore[misc]
         if self._controller:
             caps += [Cap(service=Cap.Service(type=Cap.Service.CONTROLLER_SERVICE)),
                      Cap(service=Cap.Service(type=Cap.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS))]
+        if self._snapshot_metadata:
+            caps.append(Cap(service=Cap.Service(type=Cap.Service.SNAPSHOT_METADATA_SERVICE)))
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -47,6 +47,8 @@ def _strip(msg: Message) -> None:
 class ErrorInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
+        if handler is not None and handler.unary_stream is not None:
+            return _stream_handler(handler, details.method)
         if handler is None or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
@@ -78,3 +80,37 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+
+
+def _stream_handler(handler: Any, method: str) -> Any:
+    """The same translation for server-streaming RPCs (SnapshotMetadata): an
+    error raised while the stream is being produced ends it with its code."""
+    inner = handler.unary_stream
+
+    def call(request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
+        rid = uuid.uuid4().hex[:8]
+        start = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s rid=%s request: %s", method, rid, sanitize(request))
+        sent = 0
+        try:
+            for response in inner(request, context):
+                sent += 1
+                yield response
+        except errors.VirtvolError as e:
+            code = code_for(e)
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+            log.log(level, "%s rid=%s -> %s after %d messages: %s (%.0f ms)", method, rid, code.name, sent, e,
+                    (time.monotonic() - start) * 1000)
+            context.abort(code, str(e))
+        except NotImplementedError:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this plugin")
+        except Exception as e:
+            log.exception("%s rid=%s -> INTERNAL after %d messages (%.0f ms)", method, rid, sent,
+                          (time.monotonic() - start) * 1000)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        log.info("%s rid=%s -> OK, %d messages (%.0f ms)", method, rid, sent, (time.monotonic() - start) * 1000)
+
+    return grpc.unary_stream_rpc_method_handler(
+        call, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)

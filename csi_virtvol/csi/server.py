@@ -37,6 +37,7 @@ def listen_address(endpoint: str) -> str:
 
 def build_server(*, endpoint: str, identity: rpc.IdentityServicer, controller: rpc.ControllerServicer | None,
                  node: rpc.NodeServicer | None, pairs: vrpc.PairsServicer | None = None,
+                 snapshot_metadata: rpc.SnapshotMetadataServicer | None = None,
                  workers: int = 16) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi"),
                          interceptors=[ErrorInterceptor()])
@@ -47,6 +48,8 @@ def build_server(*, endpoint: str, identity: rpc.IdentityServicer, controller: r
         rpc.add_NodeServicer_to_server(node, server)
     if pairs is not None:
         vrpc.add_PairsServicer_to_server(pairs, server)
+    if snapshot_metadata is not None:
+        rpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, server)
     address = listen_address(endpoint)
     if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
         raise errors.BackendUnavailable(f"cannot listen on {endpoint}")
