@@ -2,7 +2,8 @@
 
 A LUN's `address` says how to reach it: an absolute path (a file-pool image, an
 LVM logical volume) is already local; ``nbd://`` and ``nbd+unix://`` URIs (qsd
-arrays) are mounted as a regular file through nbdfuse.  `Attacher` keeps one
+arrays) become /dev/nbdN where the kernel has nbd (nbd-client), else a regular file
+through nbdfuse.  `Attacher` keeps one
 record per user (a staged volume) of the addresses it attached, so an address is
 detached when its last user lets go, also after a restart of the plugin.
 """
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Sequence
 
 from csi_virtvol import errors
-from csi_virtvol.transport import nbdfuse
+from csi_virtvol.transport import nbdfuse, nbdkernel
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,21 @@ def _key(address: str) -> str:
 class Attacher:
     """Attach addresses for named users under `root` (the node's state directory)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, prefer_kernel_nbd: bool = True) -> None:
         self._root = root
         self._users = os.path.join(root, "users")
         self._nbd = os.path.join(root, "nbd")
+        self._nbd_devices = os.path.join(root, "nbd-devices")
         self._guard = threading.Lock()
+        self._kernel: bool | None = None
+        self._prefer_kernel = prefer_kernel_nbd
+
+    def _kernel_nbd(self) -> bool:
+        """Kernel nbd where the node has it (the fast path), else nbdfuse; decided once."""
+        if self._kernel is None:
+            self._kernel = self._prefer_kernel and nbdkernel.available()
+            logger.info("NBD LUNs attach through %s", "kernel nbd" if self._kernel else "nbdfuse")
+        return self._kernel
 
     def attach(self, *, user: str, addresses: Sequence[str]) -> list[str]:
         """Local paths for `addresses`, in order; recorded for `user` first, so a crash
@@ -69,11 +80,14 @@ class Attacher:
                 raise errors.NotFound(f"LUN path {address} does not exist on this node")
             return address
         if address.startswith(NBD_SCHEMES):
+            if self._kernel_nbd():
+                return nbdkernel.connect(address, records=self._nbd_devices)
             return nbdfuse.mount(address, os.path.join(self._nbd, _key(address)))
         raise errors.UnsupportedCapability(f"this node cannot reach LUN address {address!r}")
 
     def _detach_one(self, address: str) -> None:
         if address.startswith(NBD_SCHEMES):
+            nbdkernel.disconnect(address, records=self._nbd_devices)
             point = os.path.join(self._nbd, _key(address))
             nbdfuse.unmount(point)
             for leftover in (point, os.path.join(self._nbd, f".{_key(address)}.pid")):
