@@ -179,7 +179,7 @@ def progress(done: int, total: int) -> str:
 
 def _node_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
     return ({"id": rec["id"], "topology": rec["topology"], "maxVolumes": rec["max_volumes"],
-             "registeredAt": rec["registered_at"]}, {})
+             "registeredAt": rec["registered_at"], "initiator": rec.get("initiator", "")}, {})
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

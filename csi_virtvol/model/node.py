@@ -13,3 +13,4 @@ class NodeInfo:
     topology: Mapping[str, str] = field(default_factory=dict)
     max_volumes: int = 0
     registered_at: float = 0.0
+    initiator: str = ""  # the node's iSCSI initiator name (IQN), for arrays that fence by host

@@ -13,10 +13,12 @@ from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.array import LunState
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.volume import Attachment, VirtualVolume, VolumeKind, VolumeState
+from csi_virtvol.services import access
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.store import base as S
 from csi_virtvol.store.base import StateStore
+from csi_virtvol.transport import iscsi
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class PublishService:
                 if mine.readonly != readonly:
                     raise errors.AlreadyExists(
                         f"volume {volume_id} is published to {node_id} with readonly={mine.readonly}")
+                access.grant(self._arrays, self._store, node_id=node_id, extents=vol.extents)
                 return publish_context(vol, self._arrays)
             others = [a for a in vol.attachments if a.node != node_id]
             if others and not (capability.access_mode.multi_node and capability.access_mode.read_only):
@@ -92,7 +95,12 @@ class PublishService:
                     f"{capability.access_mode.name} allows one node")
             new = dataclasses.replace(vol, attachments=vol.attachments + (
                 Attachment(node=NodeId(node_id), readonly=readonly),))
-            self._store.update(S.VOLUMES, new, revision=rec.revision)
+            access.grant(self._arrays, self._store, node_id=node_id, extents=vol.extents)
+            try:
+                self._store.update(S.VOLUMES, new, revision=rec.revision)
+            except BaseException:
+                access.revoke(self._arrays, self._store, node_id=node_id, extents=vol.extents)
+                raise
             log.info("volume %s published to node %s (readonly=%s)", volume_id, node_id, readonly)
             return publish_context(new, self._arrays)
 
@@ -119,9 +127,18 @@ class PublishService:
             keep = tuple(a for a in vol.attachments if node_id and a.node != node_id)
             if keep == vol.attachments:
                 return
+            for gone in vol.attachments:  # the array's ACL first: an error leaves the record, to retry
+                if gone not in keep:
+                    access.revoke(self._arrays, self._store, node_id=gone.node, extents=vol.extents)
             self._store.update(S.VOLUMES, dataclasses.replace(vol, attachments=keep), revision=rec.revision)
             log.info("volume %s unpublished from %s", volume_id, node_id or "every node")
 
 
 def node_record(node_id: NodeId, topology: Mapping[str, str], max_volumes: int) -> NodeInfo:
-    return NodeInfo(id=node_id, topology=dict(topology), max_volumes=max_volumes, registered_at=time.time())
+    """This node as it announces itself, with its iSCSI initiator name when it has one."""
+    try:
+        initiator = iscsi.initiator_name()
+    except errors.BackendUnavailable:
+        initiator = ""
+    return NodeInfo(id=node_id, topology=dict(topology), max_volumes=max_volumes, registered_at=time.time(),
+                    initiator=initiator)

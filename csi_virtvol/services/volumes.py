@@ -27,7 +27,7 @@ from csi_virtvol.model.ids import ArrayId, LunId, Revision, VolumeId
 from csi_virtvol.model.volume import Extent, VirtualVolume, VolumeKind, VolumeState, volume_address
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import OWNED_PREFIXES, ArrayPool, TopologyFilter
-from csi_virtvol.services import tracking
+from csi_virtvol.services import access, tracking
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.store import base as S
 from csi_virtvol.store.base import StateStore
@@ -393,7 +393,15 @@ class VolumeService:
             place = P.placement(vol.parameters, vol.mutable_parameters)
             extents, grown_by = self._grow_last(vol, delta, place.max_extent)
             if grown_by < delta:
-                extents = extents + self._append(vol, delta - grown_by, place)
+                added = self._append(vol, delta - grown_by, place)
+                try:
+                    for a in vol.attachments:  # nodes it is published to may reach the new LUNs
+                        access.grant(self._arrays, self._store, node_id=a.node, extents=added)
+                except BaseException:
+                    for e in added:
+                        self._free_extent(vol.id, e)
+                    raise
+                extents = extents + added
             grown = dataclasses.replace(vol, size=size, extents=extents)
             self._store.update(S.VOLUMES, grown, revision=rec.revision)
             log.info("volume %s grown to %d bytes (%d extents)", vol.id, size, len(extents))
