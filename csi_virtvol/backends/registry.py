@@ -31,6 +31,7 @@ _BUILTIN: dict[str, str] = {
     "file": "csi_virtvol.backends.filepool:FilePoolDriver",
     "qsd": "csi_virtvol.backends.qsd:QsdDriver",
     "lvm": "csi_virtvol.backends.lvm:LvmThinDriver",
+    "lio": "csi_virtvol.backends.lio:LioDriver",
 }
 
 # abilities that are not tied to an optional protocol: a driver "implements"

@@ -3,7 +3,8 @@
 A LUN's `address` says how to reach it: an absolute path (a file-pool image, an
 LVM logical volume) is already local; ``nbd://`` and ``nbd+unix://`` URIs (qsd
 arrays) become /dev/nbdN where the kernel has nbd (nbd-client), else a regular file
-through nbdfuse.  `Attacher` keeps one
+through nbdfuse; ``iscsi://`` addresses
+(lio arrays) become a /dev/sdX through open-iscsi (transport.iscsi).  `Attacher` keeps one
 record per user (a staged volume) of the addresses it attached, so an address is
 detached when its last user lets go, also after a restart of the plugin.
 """
@@ -17,7 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from csi_virtvol import errors
-from csi_virtvol.transport import nbdfuse, nbdkernel
+from csi_virtvol.transport import iscsi, nbdfuse, nbdkernel
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +84,14 @@ class Attacher:
             if self._kernel_nbd():
                 return nbdkernel.connect(address, records=self._nbd_devices)
             return nbdfuse.mount(address, os.path.join(self._nbd, _key(address)))
+        if address.startswith(iscsi.SCHEME):
+            return iscsi.attach(address)
         raise errors.UnsupportedCapability(f"this node cannot reach LUN address {address!r}")
 
     def _detach_one(self, address: str) -> None:
+        if address.startswith(iscsi.SCHEME):
+            iscsi.detach(address)
+            return
         if address.startswith(NBD_SCHEMES):
             nbdkernel.disconnect(address, records=self._nbd_devices)
             point = os.path.join(self._nbd, _key(address))

@@ -130,6 +130,7 @@ def attach(address: str) -> str:
                 raise errors.BackendError(f"{address}: logged in, but no iSCSI session appeared")
         hctl = _scsi_device(host, addr.lun)
         if hctl is None:
+            _load_sd()
             _write(os.path.join(_SYS_SCSI_HOSTS, f"host{host}", "scan"), f"- - {addr.lun}")
             hctl = _scsi_device(host, addr.lun)
             if hctl is None:
@@ -198,6 +199,15 @@ def _login(addr: IscsiAddress) -> None:
     logger.info("logged in to %s at %s", addr.iqn, addr.portal)
 
 
+def _load_sd() -> None:
+    """sd_mod is loaded by udev when the first disk appears; without udev, here."""
+    if os.path.isdir("/sys/module/sd_mod"):
+        return
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["modprobe", "sd_mod"], stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=COMMAND_TIMEOUT, check=False)
+
+
 def _session_portals(sdir: str) -> Iterator[tuple[str, int]]:
     sid = os.path.basename(sdir)[len("session"):]
     for cdir in glob.glob(os.path.join(_SYS_CONNECTIONS, f"connection{sid}:*")):
@@ -248,12 +258,24 @@ def _wait_block_device(hctl: str, address: str) -> str:
     deadline = time.monotonic() + DEVICE_WAIT_SECONDS
     while True:
         dev = _block_device(hctl)
-        if dev and os.path.exists(dev):
+        if dev and _openable(dev):
             return dev
         if time.monotonic() > deadline:
             raise errors.BackendError(f"{address}: SCSI device {hctl} has no block device "
                                       f"after {DEVICE_WAIT_SECONDS:g} s (is sd_mod loaded?)")
         time.sleep(POLL)
+
+
+def _openable(dev: str) -> bool:
+    """The disk is registered and has its size (its sysfs entry comes a little earlier)."""
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_END) > 0
+    finally:
+        os.close(fd)
 
 
 def _flush(dev: str) -> None:
