@@ -63,7 +63,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from csi_virtvol import errors
-from csi_virtvol.backends._pool import LUN_SUFFIX, TMP_PREFIX, XATTR_ORIGIN, XATTR_SOURCE, PoolDriver, valid_lun_id
+from csi_virtvol.backends._pool import (LUN_SUFFIX, TMP_PREFIX, XATTR_ORIGIN, XATTR_SOURCE, PoolDriver, libc,
+                                        valid_lun_id)
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 from csi_virtvol.transport import iscsi
@@ -86,6 +87,8 @@ XCOPY_MAX_SEGMENT = 16 * 2**20  # bytes per EXTENDED COPY segment LIO takes
 COMMAND_TIMEOUT = 600.0
 MODULES = ("target_core_mod", "target_core_iblock", "iscsi_target_mod")
 BLKFLSBUF = 0x1261
+_PUNCH_HOLE = 0x02
+_KEEP_SIZE = 0x01
 
 _INITIATOR = re.compile(r"(iqn\.\d{4}-\d{2}\.[A-Za-z0-9.:_-]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})")
 
@@ -188,14 +191,24 @@ class LioDriver(PoolDriver):
         return self._grow(lun_id=lun_id, size=size, apply=apply)
 
     def wipe_lun(self, *, lun_id: LunId) -> None:
-        """Discard every block of the loop device (the image's holes read as zeros);
-        write zeros where the filesystem cannot punch holes."""
+        """Punch the whole image out (its holes read as zeros); write zeros where the
+        filesystem cannot.  The loop device reads through the image's page cache,
+        which the punch updates, so LIO serves zeros at once; this host's own
+        device of the LUN forgets what it cached."""
         lun = self._require_lun(lun_id)
-        loop = self._loop_of(self._path(lun_id), create=True)
+        path = self._path(lun_id)
         try:
-            self._run(["blkdiscard", loop], what=f"discard {lun_id}")
-        except errors.BackendError:
-            self._run(["blkdiscard", "-z", loop], what=f"zero {lun_id}")
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if lun.size and libc().fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, 0, lun.size) != 0:
+                    zeros = bytes(2**20)
+                    for off in range(0, lun.size, len(zeros)):
+                        os.pwrite(fd, zeros[: min(len(zeros), lun.size - off)], off)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise errors.BackendError(f"array {self._spec.id}: wipe {lun_id}: {e}") from e
         local = iscsi.device_of(lun.address)
         if local:
             _drop_cache(local)
@@ -657,7 +670,13 @@ def _flush(dev: str) -> None:
 
 
 def _drop_cache(dev: str) -> None:
-    """Forget this host's cached blocks of `dev` (the target wrote behind it)."""
+    """Forget this host's cached blocks of `dev` (the target wrote behind it).
+    udev first: a write to a disk makes udev re-read it (its inotify watch), and a
+    read in flight across the drop would put the old blocks back."""
+    if os.path.exists("/run/udev/control"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["udevadm", "settle", "-t", "10"], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30, check=False)
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, BLKFLSBUF, 0)
