@@ -251,3 +251,49 @@ def test_a_reopened_array_rebuilds_its_target_with_the_same_numbers_and_acls(poo
     finally:
         remove_array(driver)
 
+
+
+# ---- the node: two LIO LUNs over iSCSI, composed by dm-linear --------------------------------
+
+def test_stage_expand_unstage_over_iscsi_and_dm_linear(tpc_on: LioDriver, tmp_path: Path) -> None:
+    from csi_virtvol.node.layout import BackingExtent
+    from csi_virtvol.node.stager import Stager
+
+    luns = [tpc_on.create_lun(name=name(f"ext{i}"), size=8 * MiB) for i in range(2)]
+    me = iscsi.initiator_name()
+    for lun in luns:
+        tpc_on.grant_access(lun_id=lun.id, initiator=me)  # what ControllerPublish does
+    att = Attacher(str(tmp_path / "attach"))
+    stager = Stager(str(tmp_path / "node"), composer="dm")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    try:
+        paths = att.attach(user="vol", addresses=[x.address for x in luns])
+        assert all(p.startswith("/dev/sd") for p in paths)
+        stager.stage("vol", [BackingExtent(path=p, offset=0, length=8 * MiB) for p in paths], str(staging),
+                     access="block")
+        rec = stager.get("vol")
+        assert rec is not None and rec.composer == "dm"
+        dev = rec.device
+        payload = os.urandom(16 * MiB)
+        write_at(dev, 0, payload)
+        images = [Path(tpc_on.spec.params["pool"]) / "luns" / f"{x.id}.img" for x in luns]
+        assert images[0].read_bytes() == payload[:8 * MiB]  # each half on its LUN, through LIO
+        assert images[1].read_bytes() == payload[8 * MiB:]
+        # expand: grow the last LUN on the array, rescan it here, reload the dm table
+        tpc_on.resize_lun(lun_id=luns[1].id, size=16 * MiB)
+        paths2 = att.attach(user="vol", addresses=[x.address for x in luns])
+        assert paths2 == paths and device_size(paths[1]) == 16 * MiB
+        size = stager.expand("vol", [BackingExtent(path=paths[0], offset=0, length=8 * MiB),
+                                     BackingExtent(path=paths[1], offset=0, length=16 * MiB)])
+        assert size == 24 * MiB == device_size(dev)
+        tail = os.urandom(MiB)
+        write_at(dev, 23 * MiB, tail)
+        assert read_at(dev, 0, 16 * MiB) == payload
+        assert read_at(str(images[1]), 15 * MiB, MiB) == tail
+    finally:
+        stager.unstage("vol", str(staging))
+        att.detach_user(user="vol")
+        for lun in luns:
+            tpc_on.delete_lun(lun_id=lun.id)
+    assert all(iscsi.device_of(x.address) is None for x in luns)
