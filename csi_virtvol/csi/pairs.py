@@ -16,7 +16,8 @@ def pair_status(pair: Pair) -> vpb.PairStatus:
         cut_at=pair.cut_at, reason=t.reason,
         extents=[vpb.ExtentStatus(index=e.index, method=e.method.value, state=e.state.value,
                                   bytes_total=e.bytes_total, bytes_done=e.bytes_done,
-                                  bytes_written=e.bytes_written) for e in t.extents])
+                                  bytes_written=e.bytes_written, source_lun=e.source_lun)
+                 for e in t.extents])
 
 
 class PairsServicer(vrpc.PairsServicer):  # type: ignore[misc]

@@ -66,13 +66,20 @@ def _teardown_node(state_dir: str, workdir: Path) -> None:
     """Whatever a failed test left staged or mounted under its directory goes away."""
     from csi_virtvol.node.stager import Stager
 
-    if os.path.isdir(state_dir):
-        stager = Stager(state_dir)
-        for rec in stager.list_staged():
-            stager.unstage(rec.volume_id, rec.staging_path)
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split()[4] for line in f]
-    for m in sorted((m for m in mounts if m.startswith(str(workdir) + "/")), reverse=True):
+    def mounts() -> list[str]:
+        with open("/proc/self/mountinfo") as f:
+            found = [line.split()[4] for line in f]
+        return sorted((m for m in found if m.startswith(str(workdir) + "/")), reverse=True)
+
+    stager = Stager(state_dir) if os.path.isdir(state_dir) else None
+    staged = stager.list_staged() if stager is not None else []
+    for m in mounts():  # published targets first: they hold the staged devices
+        if m not in {rec.staging_path for rec in staged}:
+            subprocess.run(["umount", "-l", m], check=False)
+    for rec in staged:
+        assert stager is not None
+        stager.unstage(rec.volume_id, rec.staging_path)
+    for m in mounts():
         subprocess.run(["umount", "-l", m], check=False)
 
 

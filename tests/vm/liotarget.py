@@ -96,10 +96,11 @@ def lio_spec(pools: Path, *, name: str = "", emulate_3pc: bool = True, **params:
                              "emulate_3pc": "true" if emulate_3pc else "false", **params})
 
 
-def remove_target(driver: lio.LioDriver) -> None:
+def remove_target(driver: lio.LioDriver | ArraySpec) -> None:
     """What a reboot does to LIO: log out, and the target, its LUNs and backstores
     (with their loop devices) vanish; the pool's images stay."""
-    iqn, root = driver.spec.params["iqn"], os.path.realpath(driver.spec.params["pool"])
+    spec = driver if isinstance(driver, ArraySpec) else driver.spec
+    iqn, root = spec.params["iqn"], os.path.realpath(spec.params["pool"])
     sh("iscsiadm", "-m", "node", "-T", iqn, "--logout", check=False)
     sh("iscsiadm", "-m", "node", "-T", iqn, "-o", "delete", check=False)
     tpg = Path(lio.TARGET_ROOT) / "iscsi" / iqn / lio.TPG

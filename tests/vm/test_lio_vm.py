@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.root]
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 VMTEST = Path(os.environ.get("VMTEST", REPO.parent / "shared" / "vmtest" / "vmtest"))
-GUEST_MODULES = ["test_lio_driver.py", "test_lio_contract.py"]
+GUEST_MODULES = ["test_lio_driver.py", "test_lio_contract.py", "test_san_volume.py"]
 
 
 @pytest.mark.timeout(1500)  # ~4 min idle, ~7 min with other VMs on the 2 cores
