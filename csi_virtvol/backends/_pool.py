@@ -187,6 +187,18 @@ class PoolDriver(abc.ABC):
         logger.info("array %s: grew LUN %s to %d bytes", self._spec.id, lun_id, size)
         return self._lun_or_fail(lun_id)
 
+    def _resize_file(self, path: str, *, size: int, lun_id: LunId) -> None:
+        """Set an image file's length (durably): how file-backed LUNs grow."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise errors.BackendError(f"array {self._spec.id}: grow {lun_id}: {e}") from e
+
     def _copy_begin(self, *, source: LunId, lun_id: LunId) -> tuple[Lun, Lun | None]:
         """Under the lock, before an internal copy: (the source, the finished copy
         when `lun_id` already is one of the source's size)."""

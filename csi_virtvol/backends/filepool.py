@@ -83,15 +83,7 @@ class FilePoolDriver(PoolDriver):
 
     def resize_lun(self, *, lun_id: LunId, size: int) -> Lun:
         def apply(lun: Lun) -> None:
-            try:
-                fd = os.open(lun.address, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise errors.BackendError(f"array {self._spec.id}: grow {lun_id}: {e}") from e
+            self._resize_file(lun.address, size=size, lun_id=lun_id)
         return self._grow(lun_id=lun_id, size=size, apply=apply)
 
     def wipe_lun(self, *, lun_id: LunId) -> None:

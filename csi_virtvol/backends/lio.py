@@ -67,7 +67,7 @@ from csi_virtvol.backends._pool import (LUN_SUFFIX, TMP_PREFIX, XATTR_ORIGIN, XA
                                         valid_lun_id)
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
-from csi_virtvol.transport import iscsi
+from csi_virtvol.transport import iscsi, sysfs
 
 logger = logging.getLogger(__name__)
 
@@ -176,15 +176,7 @@ class LioDriver(PoolDriver):
     def resize_lun(self, *, lun_id: LunId, size: int) -> Lun:
         def apply(lun: Lun) -> None:
             path = self._path(lun.id)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise errors.BackendError(f"array {self._spec.id}: grow {lun_id}: {e}") from e
+            self._resize_file(path, size=size, lun_id=lun_id)
             self._run(["losetup", "-c", self._loop_of(path, create=True)], what=f"grow the loop of {lun_id}")
             if iscsi.device_of(lun.address):
                 iscsi.attach(lun.address)  # rescan this host's device of it
@@ -610,19 +602,13 @@ def _symlink(target: str, link: str) -> None:
         raise errors.BackendError(f"LIO configfs: link {link} -> {target}: {e}") from e
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+_read = sysfs.read
 
 
 def _write(path: str, value: str) -> None:
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(value)
-    except OSError as e:
+        sysfs.write(path, value)
+    except FileNotFoundError as e:
         raise errors.BackendError(f"LIO configfs: write {value!r} to {path}: {e}") from e
 
 

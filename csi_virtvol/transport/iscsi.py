@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from csi_virtvol import errors
+from csi_virtvol.transport.sysfs import read as _read, write as _write
 
 logger = logging.getLogger(__name__)
 
@@ -292,22 +293,6 @@ def _flush(dev: str) -> None:
         os.close(fd)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _write(path: str, text: str) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise errors.BackendError(f"write {text!r} to {path}: {e}") from e
 
 
 def _iscsiadm(args: Sequence[str], *, what: str, ok: tuple[int, ...] = ()) -> str:

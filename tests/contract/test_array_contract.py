@@ -17,6 +17,7 @@ from csi_virtvol.model.array import Ability, LunOrigin, LunState
 from csi_virtvol.model.ids import LunId
 
 from arrays import ARRAY_FACTORIES, ArrayFactory
+from blockio import read_at, write_at
 
 MiB = 2**20
 
@@ -34,29 +35,6 @@ def array(factory: ArrayFactory, request: pytest.FixtureRequest) -> ArrayDriver:
 
 def name(prefix: str = "lun") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path: str, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out = b""
-        while len(out) < length:
-            chunk = os.pread(fd, length - len(out), offset + len(out))
-            if not chunk:
-                break
-            out += chunk
-        return out
-    finally:
-        os.close(fd)
 
 
 def lun_ids(array: ArrayDriver) -> set[str]:

@@ -6,36 +6,16 @@ devices.  The VM's root has every capability, so ext4's online grow runs there t
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.root]
+from vmrun import REPO, run_in_vm
 
-REPO = Path(__file__).resolve().parents[2]
-VMTEST = Path(os.environ.get("VMTEST", REPO.parent / "shared" / "vmtest" / "vmtest"))
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.root]
 
 
 @pytest.mark.parametrize("composer", ["dm", "fuse"])
 def test_node_data_path_in_a_vm(composer: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    if os.environ.get("VMTEST_GUEST"):
-        pytest.skip("already inside the VM")
-    if not VMTEST.exists():
-        pytest.skip(f"no vmtest at {VMTEST}")
-    cmd = [
-        str(VMTEST), "--mem", "6G", "--timeout", "1500", "--",
-        "env", f"VIRTVOL_TEST_COMPOSER={composer}",
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
-        str(REPO / "tests" / "node" / "test_stage.py"),
-    ]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-6000:]
-    assert " passed" in out and " failed" not in out, out[-3000:]
+    out = run_in_vm([REPO / "tests" / "node" / "test_stage.py"], vm_flags=["--mem", "6G"], timeout=1500,
+                    env=[f"VIRTVOL_TEST_COMPOSER={composer}"], allow_skips=True)
     if composer == "dm":
         assert "growing ext4 online" not in out  # the VM has CAP_SYS_RESOURCE: nothing skipped

@@ -14,28 +14,11 @@ from csi_virtvol.backends.qmp import qmp_session
 from csi_virtvol.backends.qsd import QsdDriver
 from csi_virtvol.model.array import ArraySpec
 from csi_virtvol.model.ids import ArrayId, LunId
+from blockio import write_at
 
 KiB = 1024
 MiB = 1 << 20
 CLUSTER = 64 * KiB  # qcow2's default cluster: the grain of its allocation
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[QsdDriver]:
-    d = QsdDriver(ArraySpec(id=ArrayId("qm"), kind="qsd", params={"pool": str(tmp_path / "qm"), "start": "true"}))
-    try:
-        yield d
-    finally:
-        d.shutdown()
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_allocated_ranges_are_the_written_clusters_clipped_to_the_window(daemon: QsdDriver) -> None:

@@ -25,32 +25,10 @@ from csi_virtvol.backends.qmp import qmp_session
 from csi_virtvol.backends.qsd import QsdDriver, parse_nbd_uri
 from csi_virtvol.model.array import Ability, ArraySpec
 from csi_virtvol.model.ids import ArrayId, LunId
+from blockio import write_at
+from qsdarrays import spec_for
 
 MiB = 2**20
-
-
-def spec_for(pool: Path, name: str, **params: str) -> ArraySpec:
-    return ArraySpec(id=ArrayId(name), kind="qsd", params={"pool": str(pool), "start": "true", **params})
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[QsdDriver]]:
-    """Two arrays, each its own qemu-storage-daemon started by the driver."""
-    drivers = [QsdDriver(spec_for(tmp_path / n, n)) for n in ("qa", "qb")]
-    try:
-        yield drivers
-    finally:
-        for d in drivers:
-            d.shutdown()
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_all(path: str) -> bytes:

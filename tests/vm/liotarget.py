@@ -19,6 +19,7 @@ from pathlib import Path
 from csi_virtvol.backends import lio
 from csi_virtvol.model.array import ArraySpec
 from csi_virtvol.model.ids import ArrayId
+from blockio import device_size, read_at, write_at  # noqa: F401 (also for importers of this module)
 
 MiB = 2**20
 IN_VM = bool(os.environ.get("VMTEST_GUEST"))
@@ -130,26 +131,3 @@ def remove_array(driver: lio.LioDriver) -> None:
     shutil.rmtree(driver.spec.params["pool"], ignore_errors=True)
 
 
-def read_at(path: str, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)

@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from blockio import device_size, read_at, write_at  # noqa: F401 (also for importers of this module)
 
 MiB = 2**20
 IN_VM = bool(os.environ.get("VMTEST_GUEST"))
@@ -74,26 +75,3 @@ def empty_pool(vg: str, pool: str) -> None:
         sh("lvremove", "-q", "-y", "-f", *names)
 
 
-def read_at(path: str, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)

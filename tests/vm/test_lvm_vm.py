@@ -1,36 +1,20 @@
 """Boots one throwaway VM (vmtest; this host has no device-mapper) and runs the
-`lvm` driver's tests there: test_lvm_driver.py, and the shared ArrayDriver
-contract for `lvm` (test_lvm_contract.py) when it is present."""
+`lvm` driver's tests there: test_lvm_driver.py, the shared ArrayDriver contract for
+`lvm` (test_lvm_contract.py), and the node over kernel nbd and dm (test_nbd_node.py)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from vmrun import run_in_vm
+
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.root]
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-VMTEST = Path(os.environ.get("VMTEST", REPO.parent / "shared" / "vmtest" / "vmtest"))
 GUEST_MODULES = ["test_lvm_driver.py", "test_lvm_contract.py", "test_nbd_node.py"]
 
 
-@pytest.mark.timeout(1500)  # ~4 min idle, ~7 min with other VMs on the 2 cores
+@pytest.mark.timeout(1500)  # ~5 min idle, ~8 min with other VMs on the 2 cores
 def test_lvm_driver_in_a_vm() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    if os.environ.get("VMTEST_GUEST"):
-        pytest.skip("already inside the VM")
-    if not VMTEST.exists():
-        pytest.skip(f"no vmtest at {VMTEST}")
-    modules = [str(HERE / m) for m in GUEST_MODULES if (HERE / m).exists()]
-    cmd = [str(VMTEST), "--udev", "--timeout", "900", "--",
-           sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", *modules]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-6000:]
-    assert " passed" in out and " failed" not in out, out[-3000:]
-    assert " skipped" not in out, out[-3000:]  # in the VM nothing may skip
+    run_in_vm([HERE / m for m in GUEST_MODULES], vm_flags=["--udev"], timeout=900)

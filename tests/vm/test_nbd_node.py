@@ -20,6 +20,7 @@ from csi_virtvol.node.layout import BackingExtent
 from csi_virtvol.node.stager import Stager
 from csi_virtvol.transport import Attacher
 
+from blockio import device_size
 from lvmvg import IN_VM, NOT_IN_VM, MiB
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.skipif(not IN_VM, reason=NOT_IN_VM)]
@@ -46,20 +47,12 @@ def export_bytes(uri: str) -> bytes:
     return subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True).stdout
 
 
-def block_size(dev: str) -> int:
-    fd = os.open(dev, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def test_attach_uses_kernel_nbd_and_detach_frees_it(qsd: QsdDriver, tmp_path: Path) -> None:
     lun = qsd.create_lun(name="k1", size=16 * MiB)
     att = Attacher(str(tmp_path / "attach"))
     [dev] = att.attach(user="vol-a", addresses=[lun.address])
     assert dev.startswith("/dev/nbd"), dev
-    assert block_size(dev) == 16 * MiB
+    assert device_size(dev) == 16 * MiB
     payload = os.urandom(16 * MiB)
     with open(dev, "r+b") as f:
         f.write(payload)
@@ -70,7 +63,7 @@ def test_attach_uses_kernel_nbd_and_detach_frees_it(qsd: QsdDriver, tmp_path: Pa
     assert att.attach(user="vol-a", addresses=[lun.address]) == [dev]
     assert att.attach(user="vol-b", addresses=[lun.address]) == [dev]
     att.detach_user(user="vol-a")
-    assert block_size(dev) == 16 * MiB  # vol-b still holds it
+    assert device_size(dev) == 16 * MiB  # vol-b still holds it
     att.detach_user(user="vol-b")
     assert not os.path.exists(f"/sys/block/{os.path.basename(dev)}/pid")
     att.detach_user(user="vol-b")  # again: nothing to do
