@@ -1,11 +1,25 @@
 # The csi-virtvol image: controller, node plugin and copy Jobs all run it.
 #   docker build -t csi-virtvol:0.1.0 .
 # ENTRYPOINT is the csi-virtvol CLI: the chart passes `serve ...`, copy Jobs `copy ...`.
-FROM python:3.11-slim
+# Debian 12 (bookworm), like the development machine: the package names below
+# are the ones `apt-cache show` checks there (tests/k8s_packaging).
+FROM python:3.11-slim-bookworm
 
-# Node tools: filesystems, loop/mount (util-linux), FUSE, NBD (nbdkit with its
-# Python plugin, nbdfuse, nbd-client), qemu-img and qemu-storage-daemon, LVM and
-# device-mapper, iSCSI initiator, modprobe and udev for device nodes.
+# The programs the driver runs (tests/k8s_packaging/test_k8s_image.py maps each
+# one to its package):
+#   filesystems      mkfs/fsck/grow/freeze: e2fsprogs xfsprogs btrfs-progs util-linux
+#   loop, mount      losetup, blkdiscard, blkid, mount: util-linux mount
+#   FUSE             fusermount3: fuse3 libfuse3-3
+#   NBD              nbd-client (kernel nbd), nbdfuse nbdinfo nbdcopy (libnbd-bin; Debian's
+#                    "nbdfuse" is a name libnbd-bin provides), nbdkit with its Python plugin
+#   qsd arrays       qemu-storage-daemon (qemu-system-common), qemu-img (qemu-utils)
+#   lvm arrays       lvm2, thin-provisioning-tools (thin_check for thin pools), dmsetup
+#   lio arrays       iscsiadm (open-iscsi: talks to the *host's* iscsid), sg_inq sg_xcopy
+#                    (sg3-utils); the target itself is configfs, no tool
+#   devices          modprobe (kmod), udevadm (udev)
+# The initiator name open-iscsi generates at build time would be the same on
+# every node, so it is removed: the pods mount the host's /etc/iscsi (chart
+# values node.iscsi.enabled, controller.iscsi.enabled).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       e2fsprogs xfsprogs btrfs-progs util-linux mount \
@@ -15,7 +29,8 @@ RUN apt-get update \
       lvm2 thin-provisioning-tools dmsetup \
       open-iscsi sg3-utils \
       kmod udev ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && rm -f /etc/iscsi/initiatorname.iscsi
 
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
