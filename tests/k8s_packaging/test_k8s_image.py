@@ -1,0 +1,131 @@
+"""The Dockerfile installs every program the driver runs.
+
+The programs are found in the code itself: the first string of each list or
+tuple literal in a module that runs subprocesses (an argv), kept when it names
+a program installed on this machine (./dev setup installs them all).  Each
+program's Debian package is asked of dpkg, and that package must be on the
+Dockerfile's apt-get line.  The image is Debian 12 like this machine, so the
+apt line is also resolved here (apt-get --simulate): a misspelt package fails.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from k8s_helpers import ROOT
+
+PACKAGE = ROOT / "csi_virtvol"
+DOCKERFILE = ROOT / "Dockerfile"
+
+# What the array kinds and transports need: each must be an argv[0] in the code
+# (so this list cannot drift from it) and come from the image's packages.
+CODE_TOOLS = ["nbd-client", "nbdfuse", "nbdinfo", "iscsiadm", "sg_inq", "sg_xcopy", "lvcreate", "lvextend",
+              "lvremove", "dmsetup", "qemu-storage-daemon", "qemu-img", "modprobe", "losetup", "fusermount3",
+              "mount", "blkdiscard", "udevadm"]
+# Not called by name from the code but needed in the image: nbdcopy (libnbd-bin, used by
+# host copies of NBD LUNs through nbdfuse), the mkfs programs (run as mkfs.<fstype>),
+# thin_check (run by lvm itself on thin pools).
+IMAGE_TOOLS = ["nbdcopy", "mkfs.ext4", "mkfs.xfs", "thin_check"]
+
+
+def argv0s() -> set[str]:
+    found: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        if "_gen" in path.parts:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        imports = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                   for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if "subprocess" not in imports:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.List, ast.Tuple)) and node.elts:
+                first = node.elts[0]
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    found.add(first.value)
+    return found
+
+
+def apt_packages() -> list[str]:
+    text = DOCKERFILE.read_text()
+    m = re.search(r"apt-get install((?:\\\n|[^\n&])*)", text)
+    assert m, "the Dockerfile has no apt-get install line"
+    return [w for w in m.group(1).replace("\\\n", " ").split() if not w.startswith("-")]
+
+
+@cache
+def package_of(tool: str) -> set[str]:
+    """The Debian packages holding `tool` on this machine (merged /usr: search both bins)."""
+    path = shutil.which(tool)
+    assert path, f"{tool} is not installed here: run ./dev setup"
+    p = subprocess.run(["dpkg", "-S", f"*bin/{tool}"], capture_output=True, text=True, check=False)
+    owners = {line.split(":")[0].strip() for line in p.stdout.splitlines()
+              if re.search(rf"/s?bin/{re.escape(tool)}$", line)}
+    assert owners, f"dpkg knows no package for {tool}: {p.stderr.strip()}"
+    return {o for owner in owners for o in owner.split(", ")}
+
+
+@cache
+def simulate_install() -> subprocess.CompletedProcess[str]:
+    """apt-get --simulate of the Dockerfile's apt line (no root, no download)."""
+    return subprocess.run(["apt-get", "install", "-s", "--no-install-recommends", "-o", "Debug::NoLocking=1",
+                           *apt_packages()], capture_output=True, text=True, check=False, timeout=300)
+
+
+@cache
+def image_packages() -> frozenset[str]:
+    """The packages the apt line installs (virtual names like nbdfuse resolved to the real
+    one, dependencies included) plus Debian's Essential ones, which every image has."""
+    p = simulate_install()
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+    names = set(apt_packages())
+    names |= set(re.findall(r"^(\S+) is already the newest version", p.stdout, re.M))
+    names |= set(re.findall(r"^Inst (\S+)", p.stdout, re.M))
+    q = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Essential}\n"], capture_output=True, text=True,
+                       check=True)
+    names |= {line.split()[0] for line in q.stdout.splitlines() if line.endswith(" yes")}
+    return frozenset(names)
+
+
+def test_the_apt_line_is_parsed() -> None:
+    pkgs = apt_packages()
+    assert "open-iscsi" in pkgs and "kmod" in pkgs and "ca-certificates" in pkgs
+    assert not [p for p in pkgs if "\\" in p or p.startswith("&")]
+
+
+def test_the_apt_line_resolves_on_debian_12() -> None:
+    assert re.search(r"^FROM python:3\.11-slim-bookworm\b", DOCKERFILE.read_text(), re.M)
+    assert Path("/etc/debian_version").read_text().startswith("12."), "checked against Debian 12's archive"
+    p = simulate_install()
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+
+
+def test_every_named_tool_is_run_by_the_code() -> None:
+    missing = [t for t in CODE_TOOLS if t not in argv0s()]
+    assert missing == [], f"not an argv[0] in csi_virtvol/ any more: {missing} (update CODE_TOOLS)"
+
+
+@pytest.mark.parametrize("tool", CODE_TOOLS + IMAGE_TOOLS)
+def test_the_image_provides(tool: str) -> None:
+    owners = package_of(tool)
+    assert owners & image_packages(), f"{tool} comes from {sorted(owners)}, none of which the Dockerfile installs"
+
+
+def test_every_program_the_code_runs_is_in_the_image() -> None:
+    programs = sorted(a for a in argv0s() if re.fullmatch(r"[a-z][a-z0-9_.+-]*", a) and shutil.which(a))
+    # sanity: the scan sees the argvs (and not only a handful of words)
+    assert {"iscsiadm", "nbd-client", "lvcreate", "qemu-storage-daemon"} <= set(programs)
+    image = image_packages()
+    missing = {p: sorted(package_of(p)) for p in programs if not package_of(p) & image}
+    assert missing == {}, f"programs the code runs that the image lacks (tool: its packages): {missing}"
+
+
+def test_the_image_has_no_built_in_initiator_name() -> None:
+    # every node would announce the same InitiatorName; the host's /etc/iscsi is mounted instead
+    assert re.search(r"rm -f /etc/iscsi/initiatorname\.iscsi", DOCKERFILE.read_text())
