@@ -2,6 +2,7 @@
 the contract with the driver (flags, config file, parameters, RBAC)."""
 from __future__ import annotations
 
+import base64
 import re
 import subprocess
 import sys
@@ -20,21 +21,32 @@ KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 VALIDATOR = str(Path(sys.executable).parent / "kubernetes-validate")
 GROUP = "virtvol.csi.example.org"
 
+# A PEM CA bundle, base64 (the form SnapshotMetadataService spec.caCert takes); never dialled.
+CA_B64 = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n").decode()
+
 # Non-default renders, so every branch of the templates is validated too.
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     "single-sqlite": ["--set", "store=sqlite", "--set", "controller.replicas=1",
                       "--set", "controller.leaderElection.enabled=false",
-                      "--set", "controller.privileged=false", "--set", "node.hostNetwork=false"],
+                      "--set", "controller.privileged=false", "--set", "node.hostNetwork=false",
+                      "--set", "node.iscsi.enabled=false"],
     "everything-set": ["--set", "storageClass.maxExtentSize=4Gi", "--set", "storageClass.arraySelector=tier=fast",
                        "--set", "storageClass.isDefault=true", "--set", "volumeSnapshotClass.isDefault=true",
                        "--set", "storageClass.extraParameters.fsType=xfs",
                        "--set", "volumeSnapshotClass.parameters.arrays=pool-b",
                        "--set", "imagePullSecrets[0].name=regcred", "--set", "copyJob.priorityClassName=low",
                        "--set", "node.maxVolumesPerNode=64",
+                       "--set", "controller.hostNetwork=true", "--set", "controller.iscsi.enabled=true",
+                       "--set", "controller.lvm.enabled=true",
                        "--set-json", 'arrays=[{"name":"lvm-1","kind":"lvm","params":{"volumeGroup":"vg0"},'
                                      '"abilityOverrides":{"internal-copy":true},'
-                                     '"topology":{"topology.virtvol.csi.example.org/node":"n1"}}]'],
+                                     '"topology":{"topology.virtvol.csi.example.org/node":"n1"}},'
+                                     '{"name":"san-a","kind":"lio","params":{"iqn":"iqn.2003-01.org.example:san-a",'
+                                     '"pool":"/srv/san-a","portal":"10.0.0.5:3260"}},'
+                                     '{"name":"q1","kind":"qsd","params":{"pool":"/srv/q1","start":"true",'
+                                     '"nbd":"10.0.0.5:10809"}}]'],
+    "snapshot-metadata": ["--set", "snapshotMetadata.enabled=true", "--set", f"snapshotMetadata.caCert={CA_B64}"],
     "nothing-optional": ["--set", "storageClass.create=false", "--set", "volumeSnapshotClass.create=false",
                          "--set-json", "arrays=[]", "--set", "controller.podDisruptionBudget.enabled=false"],
 }
@@ -78,7 +90,7 @@ def test_kubernetes_validate_strict(render: Callable[..., str], tmp_path: Path, 
     assert not [x for x in lines if x.startswith("ERROR")]
     # kinds it has no schema for are checked against their CRDs below
     for w in (x for x in lines if x.startswith("WARN")):
-        assert re.search(r"kind (StorageArray|VolumeSnapshotClass) with api version", w), w
+        assert re.search(r"kind (StorageArray|VolumeSnapshotClass|SnapshotMetadataService) with api version", w), w
     assert sum("passed for resource" in x for x in lines) >= 25
 
 
@@ -92,7 +104,8 @@ def test_custom_resources_validate_against_their_crds(render: Callable[..., str]
         if (group, d["kind"]) in all_crds:
             assert crdschema.validate(all_crds[(group, d["kind"])], d) == [], d["metadata"]["name"]
             checked += 1
-    assert checked == (0 if variant == "nothing-optional" else len(by_kind(docs, "StorageArray")) + 1)
+    expected = {"nothing-optional": 0, "snapshot-metadata": len(by_kind(docs, "StorageArray")) + 2}
+    assert checked == expected.get(variant, len(by_kind(docs, "StorageArray")) + 1)
 
 
 def test_csidriver(default_docs: list[Doc]) -> None:
