@@ -28,8 +28,8 @@ guest-tmpfs images under the loop devices are preallocated and every path runs o
 unmeasured on a 16 MiB LUN first (TCG translates code on first use, and a first touch of
 guest RAM is slow: either would bias whichever method runs first).  Exit status 1 when a
 copy differs or a step failed.  Everything (LUNs, targets, sessions, iscsid, loop devices,
-the VG) is removed also on failure; the VM is thrown away anyway.  About 9 minutes on the
-2-CPU dev VM (4.5 with --repeat 1; --quick about 3).
+the VG) is removed also on failure; the VM is thrown away anyway.  About 10 minutes on the
+idle 2-CPU dev VM (4.5 with --repeat 1; --quick about 3), more when other jobs share it.
 
   .venv/bin/python bench/bench_san.py [--quick] [--sizes 64,256] [--repeat 3] [--arrays lio,lvm] [--mem 3G]
 """
