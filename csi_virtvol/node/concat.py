@@ -8,6 +8,9 @@ find it again lives in the workdir:
     workdir/concatfs.pid  its pid (written by the daemon)
     workdir/concatfs.log  its log
     workdir/mnt/volume    the concatenated file; the loop device sits on it
+    workdir/loop.json     that loop device's name: if the daemon dies, fusermount3 detaches
+                          the mount and the loop's backing path reads "/volume", so it
+                          cannot be found by path any more
 """
 from __future__ import annotations
 
@@ -103,6 +106,7 @@ class FuseComposer:
             os.kill(pid, signal.SIGHUP)
         self._wait_size(workdir, table.size)
         loop = devices.attach(file, direct_io=True, readonly=readonly)
+        layout.write_json_atomic(os.path.join(workdir, "loop.json"), loop)
         if devices.device_size(loop) != table.size:
             devices.refresh_capacity(loop)
         return loop
@@ -129,6 +133,10 @@ class FuseComposer:
         _, pid_file, _, mnt, file = _paths(workdir)
         for lo in devices.find_all(file):
             devices.detach(lo.name)
+        orphan = _recorded_loop(workdir)
+        if orphan is not None and devices.backing_file(orphan) == "/" + layout.CONCAT_FILE_NAME:
+            logger.warning("%s: detaching %s, left on the concatenation of a dead daemon", name, orphan)
+            devices.detach(orphan)
         pid = daemon_pid(workdir)
         if _serving(mnt) or fs.mount_info(mnt) is not None:
             # The kernel drops the loop's hold on the file a moment after the detach.
@@ -139,10 +147,11 @@ class FuseComposer:
                 self._wait_exit(pid, STOP_TIMEOUT, signal.SIGKILL)
         if fs.mount_info(mnt) is not None:  # the daemon died: a stale mount is left
             fs.unmount(mnt)
-        try:
-            os.unlink(pid_file)
-        except FileNotFoundError:
-            pass
+        for leftover in (pid_file, os.path.join(workdir, "loop.json")):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
         logger.info("concatenation of %s torn down", name)
 
     def problem(self, *, workdir: str, name: str) -> str | None:
@@ -218,6 +227,14 @@ class FuseComposer:
                     return
                 signalled = True
             time.sleep(0.05)
+
+
+def _recorded_loop(workdir: str) -> str | None:
+    try:
+        with open(os.path.join(workdir, "loop.json"), encoding="utf-8") as f:
+            return str(json.load(f))
+    except (OSError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -380,10 +380,13 @@ def test_condition_reports_a_dead_daemon_and_unstage_still_cleans_up(
             break
         time.sleep(0.05)
     assert fs.mount_info(mnt) is None
+    loop = stager.get("d").device  # type: ignore[union-attr]
+    assert devices.backing_file(loop) == "/volume"  # what the kernel says once the mount is gone
     cond = stager.condition("d")
     assert cond.abnormal and "daemon" in cond.message
     stager.unstage("d", staging)
     _assert_gone(stager, "d", node_root, pid)
+    assert devices.backing_file(loop) is None, f"{loop} was left attached"
     with pytest.raises(errors.NotFound):
         stager.condition("d")
 
