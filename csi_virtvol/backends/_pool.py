@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from csi_virtvol import errors
+from csi_virtvol.transport import flock
 from csi_virtvol.backends.base import same_or_conflict
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
@@ -349,15 +349,8 @@ class PoolDriver(abc.ABC):
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        try:
-            fd = os.open(os.path.join(self._root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: lock: {e}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flock.exclusive(os.path.join(self._root, ".lock"), what=f"array {self._spec.id}"):
             yield
-        finally:
-            os.close(fd)
 
     def _fsync_dir(self) -> None:
         fd = os.open(self._luns, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from csi_virtvol import errors
+from csi_virtvol.transport import flock
 from csi_virtvol.backends.base import same_or_conflict
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
@@ -422,16 +422,8 @@ class LvmThinDriver:
     def _locked(self) -> Iterator[None]:
         """Serialise check-then-act (capacity, idempotency) between drivers of this pool
         on this host; LVM's own VG lock only covers a single command."""
-        try:
-            os.makedirs(os.path.dirname(self._lock_path), exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise errors.BackendUnavailable(f"array {self._spec.id}: lock {self._lock_path}: {e}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flock.exclusive(self._lock_path, what=f"array {self._spec.id}"):
             yield
-        finally:
-            os.close(fd)
 
 
 __all__ = ["LvmThinDriver", "KIND", "VENDOR", "MODEL", "TAG_PROVISIONED", "valid_lv_name", "dm_name",

@@ -25,7 +25,6 @@ machine) share one device, and either one's detach removes it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import logging
 import os
@@ -36,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from csi_virtvol import errors
+from csi_virtvol.transport import flock
 from csi_virtvol.transport.sysfs import read as _read, write as _write
 
 logger = logging.getLogger(__name__)
@@ -314,16 +314,8 @@ def _iscsiadm(args: Sequence[str], *, what: str, ok: tuple[int, ...] = ()) -> st
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    try:
-        os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
-        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise errors.BackendUnavailable(f"iSCSI lock {LOCK_PATH}: {e}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with flock.exclusive(LOCK_PATH, what="iSCSI"):
         yield
-    finally:
-        os.close(fd)
 
 
 __all__ = ["SCHEME", "IscsiAddress", "parse_address", "format_address", "split_portal",
