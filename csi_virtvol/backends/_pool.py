@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from csi_virtvol import errors
 from csi_virtvol.transport import flock
 from csi_virtvol.backends.base import same_or_conflict
-from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
+from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, CopyCost, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 
 logger = logging.getLogger(__name__)
@@ -313,11 +313,39 @@ class PoolDriver(abc.ABC):
             raise errors.BackendUnavailable(f"array {self._spec.id}: statvfs {self._root}: {e}") from e
         usage = self._usage()
         total = vfs.f_blocks * vfs.f_frsize
-        free = vfs.f_bavail * vfs.f_frsize - usage.reserved
         if self._cap is not None:
             total = min(total, self._cap)
+        return total, self._free(usage, vfs.f_bavail * vfs.f_frsize - usage.reserved)
+
+    def _copy_cost(self, *, size: int, apparent: int, reserve: int) -> CopyCost:
+        """What a copy that `_check_room(apparent=, reserve=)` would be asked about costs,
+        as numbers, before anything is made; `size` is the copy's LUN size (what it
+        counts against the capacity cap once it exists)."""
+        usage = self._usage()
+        fs_free = self._fs_unpromised(usage)
+        if reserve > fs_free:  # deleted files' blocks may still be on their way back
+            self._syncfs()
+            fs_free = self._fs_unpromised(usage)
+        room = fs_free
+        if self._cap is not None and apparent:
+            room = min(room, self._cap - usage.apparent)
+        free_now = self._free(usage, fs_free)
+        free_after = self._free(Usage(apparent=usage.apparent + size, reserved=usage.reserved + reserve),
+                                fs_free - reserve)
+        return CopyCost(needs=reserve, room=max(0, room), takes=max(0, free_now - free_after))
+
+    def _fs_unpromised(self, usage: Usage) -> int:
+        try:
+            vfs = os.statvfs(self._root)
+        except OSError as e:
+            raise errors.BackendUnavailable(f"array {self._spec.id}: statvfs {self._root}: {e}") from e
+        return vfs.f_bavail * vfs.f_frsize - usage.reserved
+
+    def _free(self, usage: Usage, fs_free: int) -> int:
+        free = fs_free
+        if self._cap is not None:
             free = min(free, self._cap - usage.apparent)
-        return total, max(0, free)
+        return max(0, free)
 
     def _check_room(self, *, apparent: int, reserve: int) -> None:
         usage = self._usage()

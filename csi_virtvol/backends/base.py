@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from csi_virtvol import errors
-from csi_virtvol.model.array import Ability, ArrayInfo, ArraySpec, Lun
+from csi_virtvol.model.array import Ability, ArrayInfo, ArraySpec, CopyCost, Lun
 from csi_virtvol.model.ids import ArrayId, LunId
 
 
@@ -67,6 +67,10 @@ class InternalCopyCapable(Protocol):
     def copy_lun_internal(self, *, source: LunId, name: str) -> Lun:
         """A new LUN `name` holding the point-in-time content of `source`.
         Idempotent by name."""
+
+    def internal_copy_cost(self, *, source: LunId) -> CopyCost:
+        """What `copy_lun_internal(source=...)` would take from this array now, and
+        whether it fits, without making anything.  errors.NotFound without `source`."""
 
 
 @runtime_checkable
@@ -160,5 +164,5 @@ def implemented_abilities(driver: object) -> Ability:
 
 __all__ = ["ArrayDriver", "InternalCopyCapable", "RemoteCopyCapable", "DirtyTrackingCapable",
            "AllocationMapCapable",
-           "CopyProgress", "require_internal_copy", "require_remote_copy", "require_dirty_tracking",
+           "CopyProgress", "CopyCost", "require_internal_copy", "require_remote_copy", "require_dirty_tracking",
            "implemented_abilities", "ArrayId"]

@@ -47,7 +47,7 @@ from csi_virtvol.backends._pool import SYNC_ATTEMPTS as SYNC_ATTEMPTS
 from csi_virtvol.backends._pool import TMP_PREFIX as TMP_PREFIX
 from csi_virtvol.backends._pool import XATTR_ORIGIN as XATTR_ORIGIN
 from csi_virtvol.backends._pool import XATTR_SOURCE as XATTR_SOURCE
-from csi_virtvol.model.array import Ability, ArrayIdentity, ArraySpec, Lun, LunOrigin
+from csi_virtvol.model.array import Ability, ArrayIdentity, ArraySpec, CopyCost, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 
 logger = logging.getLogger(__name__)
@@ -119,17 +119,25 @@ class FilePoolDriver(PoolDriver):
             except OSError as e:
                 raise errors.BackendError(f"array {self._spec.id}: open {source}: {e}") from e
             try:
-                allocated = os.fstat(src_fd).st_blocks * 512
                 # A reflink clone takes no new space: it is thin, like an array's snapshot, so
                 # the pool's capacity cap (thick, for provisioned LUNs) does not refuse it; the
                 # filesystem must still be able to fill its holes later.
-                self._check_room(apparent=0, reserve=max(0, src.size - allocated))
+                self._check_room(apparent=0, reserve=_clone_reserve(src.size, os.fstat(src_fd)))
                 self._materialise(lun_id, size=src.size, fill=lambda fd: _ficlone(fd, src_fd),
                                   source=source)
             finally:
                 os.close(src_fd)
         logger.info("array %s: reflinked LUN %s -> %s", self._spec.id, source, lun_id)
         return self._lun_or_fail(lun_id)
+
+    def internal_copy_cost(self, *, source: LunId) -> CopyCost:
+        """A reflink clone needs the source's unwritten part promised (see copy_lun_internal)."""
+        src = self._require_lun(source)
+        try:
+            st = os.stat(src.address)
+        except OSError as e:
+            raise errors.BackendError(f"array {self._spec.id}: stat {source}: {e}") from e
+        return self._copy_cost(size=src.size, apparent=0, reserve=_clone_reserve(src.size, st))
 
     # ---- AllocationMapCapable ---------------------------------------------------------------
 
@@ -193,6 +201,12 @@ class FilePoolDriver(PoolDriver):
 
 
 # ---- filesystem helpers (module functions so tests can check the probe independently) ----
+
+def _clone_reserve(size: int, st: os.stat_result) -> int:
+    """What a reflink clone of a file of `size` bytes with stat `st` must have promised:
+    the part its blocks do not cover yet (holes the clone may fill later)."""
+    return max(0, size - st.st_blocks * 512)
+
 
 def _ficlone(dst_fd: int, src_fd: int) -> None:
     fcntl.ioctl(dst_fd, FICLONE, src_fd)

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from csi_virtvol import errors
 from csi_virtvol.backends._pool import (LUN_SUFFIX, TMP_PREFIX, XATTR_ORIGIN, XATTR_SOURCE, PoolDriver, libc,
                                         valid_lun_id)
-from csi_virtvol.model.array import Ability, ArrayIdentity, ArraySpec, Lun, LunOrigin
+from csi_virtvol.model.array import Ability, ArrayIdentity, ArraySpec, CopyCost, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 from csi_virtvol.transport import iscsi, sysfs
 
@@ -214,6 +214,11 @@ class LioDriver(PoolDriver):
         return iscsi.attach(lun.address)
 
     # ---- InternalCopyCapable ----------------------------------------------------------------
+
+    def internal_copy_cost(self, *, source: LunId) -> CopyCost:
+        """EXTENDED COPY into a new LUN of the source's size: counted like a new LUN."""
+        src = self._require_lun(source)
+        return self._copy_cost(size=src.size, apparent=src.size, reserve=src.size)
 
     def copy_lun_internal(self, *, source: LunId, name: str) -> Lun:
         """A new LUN `name` of the source's size, filled by the target itself with

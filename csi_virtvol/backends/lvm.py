@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from csi_virtvol import errors
 from csi_virtvol.transport import flock
 from csi_virtvol.backends.base import same_or_conflict
-from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
+from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, CopyCost, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,13 @@ def parse_lvm_version(text: str) -> str:
     """``LVM version:     2.03.16(2) (2022-05-18)`` -> ``2.03.16``."""
     m = _VERSION.search(text)
     return m.group(1).rstrip(".") if m else "unknown"
+
+
+def thin_snapshot_cost(*, source_size: int, free: int) -> CopyCost:
+    """A thin snapshot of a volume of `source_size` bytes in a pool with `free` bytes
+    unprovisioned (thick accounting): made whatever `free` is, then counted at its
+    virtual size, so later LUNs have that much less."""
+    return CopyCost(needs=0, room=max(0, free), takes=min(source_size, max(0, free)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -286,6 +293,16 @@ class LvmThinDriver:
         logger.info("array %s: thin snapshot %s/%s -> %s", self._spec.id, self._vg, source, name)
         return self._made(name, size=src.size)
 
+    def internal_copy_cost(self, *, source: LunId) -> CopyCost:
+        """A thin snapshot is never refused by the thick cap (needs nothing), but its
+        virtual size counts against it once it exists."""
+        scan = self._scan()
+        src = scan.thin.get(source) if valid_lv_name(source) else None
+        if src is None:
+            raise errors.NotFound(f"array {self._spec.id}: no LUN {source}")
+        _, free = self._capacity(scan.pool, scan.thin)
+        return thin_snapshot_cost(source_size=src.size, free=free)
+
     # ---- internals ---------------------------------------------------------------------------
 
     def _check_name(self, name: str) -> None:
@@ -426,5 +443,5 @@ class LvmThinDriver:
             yield
 
 
-__all__ = ["LvmThinDriver", "KIND", "VENDOR", "MODEL", "TAG_PROVISIONED", "valid_lv_name", "dm_name",
+__all__ = ["LvmThinDriver", "KIND", "thin_snapshot_cost", "VENDOR", "MODEL", "TAG_PROVISIONED", "valid_lv_name", "dm_name",
            "parse_lvm_version"]

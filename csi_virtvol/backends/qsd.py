@@ -64,7 +64,7 @@ from csi_virtvol import errors
 from csi_virtvol.backends.base import CopyProgress
 from csi_virtvol.backends._pool import TMP_PREFIX, XATTR_ORIGIN, XATTR_SOURCE, PoolDriver, valid_lun_id
 from csi_virtvol.backends.qmp import QmpError, QmpSession, qmp_session
-from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, Lun, LunOrigin
+from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, ArraySpec, CopyCost, Lun, LunOrigin
 from csi_virtvol.model.ids import LunId
 from csi_virtvol.transport import nbdfuse
 from csi_virtvol.transport.nbduri import NbdServer, esc as _esc, parse_nbd_uri
@@ -214,6 +214,11 @@ class QsdDriver(PoolDriver):
             return self._mount(lun_id)
 
     # ---- InternalCopyCapable ----------------------------------------------------------------
+
+    def internal_copy_cost(self, *, source: LunId) -> CopyCost:
+        """A full backup into a new qcow2 LUN: the source's size, counted like a new LUN."""
+        src = self._require_lun(source)
+        return self._copy_cost(size=src.size, apparent=src.size, reserve=src.size)
 
     def copy_lun_internal(self, *, source: LunId, name: str) -> Lun:
         """blockdev-backup sync=full of `source` into a new qcow2 LUN `name`: the

@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from csi_virtvol import errors
-from csi_virtvol.model.array import Ability, lun_key
+from csi_virtvol.model.array import Ability, CopyCost, lun_key
 from csi_virtvol.model.ids import ArrayId, LunId, VolumeId
 from csi_virtvol.model.pair import CopyMethod, ExtentCopy, ExtentCopyState
 from csi_virtvol.model.volume import Extent, VirtualVolume
@@ -235,6 +235,8 @@ class Placement:
     sizes: Mapping[ArrayId, int] = field(default_factory=dict)
     # distinct source LUNs to clone per array
     clones: Mapping[ArrayId, tuple[LunId, ...]] = field(default_factory=dict)
+    # source LUN key -> the cost of the internal copy its array could not fit (so copied instead)
+    declined: Mapping[str, CopyCost] = field(default_factory=dict)
 
 
 def place_targets(
@@ -247,6 +249,7 @@ def place_targets(
     lun_sizes: Mapping[str, int] | None = None,
     limits: Mapping[ArrayId, CopyLimits] | None = None,
     min_clone_fill: float = 0.0,
+    clone_costs: Mapping[str, CopyCost] | None = None,
 ) -> Placement:
     """Decide on which arrays a copy of `source` goes.
 
@@ -263,8 +266,18 @@ def place_targets(
     A clone copies the *whole* source LUN; when the source uses less than
     `min_clone_fill` of a LUN (by `lun_sizes`; unknown sizes pass) its
     extents are provisioned and copied instead, so a clone does not pin a
-    mostly foreign LUN.  Raises errors.CapacityExceeded when the allowed
-    arrays lack room.
+    mostly foreign LUN.
+
+    A clone is not free: `clone_costs` maps a source LUN key to what its
+    array says an internal copy of it costs (`InternalCopyCapable.
+    internal_copy_cost`).  Clones are decided first, in source order; the
+    clones of one array must fit together (the sum of their `needs` within
+    the array's `room`), and each accepted clone leaves `takes` less `free`
+    room for what is provisioned there.  A clone that does not fit is
+    declined and its extents are placed like any other: remote copy, then
+    host copy, onto an array with room.  A LUN without a cost counts as
+    free (as before costs were asked).  Raises errors.CapacityExceeded when
+    the allowed arrays lack room.
     """
     allowed = list(dict.fromkeys(requested)) if requested is not None else list(abilities)
     if not allowed:
@@ -284,11 +297,12 @@ def place_targets(
         total = lun_sizes.get(k)
         return total is None or total <= 0 or used[k] >= min_clone_fill * total
 
+    cloned, declined = _decide_clones(source, room=room, abilities=abilities, fill_ok=fill_ok,
+                                      costs=clone_costs or {})
     slots: list[Slot] = []
     pos = 0
     for e in source.extents:
-        s_ab = abilities.get(e.array, Ability.NONE)
-        if e.array in room and Ability.INTERNAL_COPY in s_ab and fill_ok(e):
+        if lun_key(e.array, e.lun) in cloned:
             slots.append(Slot(kind=SlotKind.CLONE, offset=pos, length=e.length, array=e.array,
                               source_lun=e.lun, lun_offset=e.offset))
             pos += e.length
@@ -317,7 +331,37 @@ def place_targets(
             sizes[s.array] = sizes.get(s.array, 0) + s.length
         elif s.source_lun is not None and s.source_lun not in clones.get(s.array, ()):
             clones[s.array] = clones.get(s.array, ()) + (s.source_lun,)
-    return Placement(slots=tuple(slots), sizes=sizes, clones=clones)
+    return Placement(slots=tuple(slots), sizes=sizes, clones=clones, declined=declined)
+
+
+def _decide_clones(source: VirtualVolume, *, room: dict[ArrayId, int | None],
+                   abilities: Mapping[ArrayId, Ability], fill_ok: Callable[[Extent], bool],
+                   costs: Mapping[str, CopyCost]) -> tuple[set[str], dict[str, CopyCost]]:
+    """Which source LUNs are cloned (by key), and the costs of those declined for lack of
+    room; `room` loses what the accepted clones take."""
+    cloned: set[str] = set()
+    declined: dict[str, CopyCost] = {}
+    needed: dict[ArrayId, int] = {}  # what the accepted clones of each array need together
+    for e in source.extents:
+        k = lun_key(e.array, e.lun)
+        if k in cloned or k in declined:
+            continue
+        if e.array not in room or Ability.INTERNAL_COPY not in abilities.get(e.array, Ability.NONE) \
+                or not fill_ok(e):
+            continue
+        cost = costs.get(k)
+        if cost is None:
+            cloned.add(k)
+            continue
+        if needed.get(e.array, 0) + cost.needs > cost.room:
+            declined[k] = cost
+            continue
+        cloned.add(k)
+        needed[e.array] = needed.get(e.array, 0) + cost.needs
+        r = room[e.array]
+        if r is not None:
+            room[e.array] = max(0, r - cost.takes)
+    return cloned, declined
 
 
 def _pick_array(e: Extent, need: int, *, room: Mapping[ArrayId, int | None],

@@ -96,6 +96,27 @@ class ArrayInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CopyCost:
+    """What an internal copy of one LUN would take from its array, asked before it is made
+    (`InternalCopyCapable.internal_copy_cost`).
+
+    `needs` is what the array must set aside at once to accept the copy (a reflink clone:
+    the source's unwritten part, which the pool promises to the clone; a full copy: the
+    source's size; a thin snapshot: nothing).  `room` is what the array can set aside for
+    internal copies now.  `takes` is how much the array's `capacity_free` falls once the
+    copy exists (what is left for LUNs provisioned next to it).
+    """
+
+    needs: int
+    room: int
+    takes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.needs <= self.room
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Lun:
     """One physical volume."""
 

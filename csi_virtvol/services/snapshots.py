@@ -35,7 +35,7 @@ from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
 from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import failpoints, tracking
+from csi_virtvol.services import clonecost, failpoints, tracking
 from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
@@ -236,7 +236,9 @@ class SnapshotService:
         placement = planner.place_targets(
             source=source, abilities=abilities, reachable=self._reachable,
             requested=[i.id for i in infos], free={i.id: i.capacity_free - i.capacity_free % ALIGN for i in infos},
-            lun_sizes=lun_sizes)
+            lun_sizes=lun_sizes, clone_costs=clonecost.clone_costs(self._arrays, source, abilities=abilities))
+        if placement.declined:
+            log.info("%s: %s; copying those instead", target_id, clonecost.describe_declined(placement.declined))
         names = self._slot_names(target_id, placement)
         extents = planner.target_extents(placement, luns=names)
         if size > source.size:  # restore or clone into a larger volume: fresh zeroed room at the end

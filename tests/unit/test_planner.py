@@ -8,7 +8,7 @@ import pytest
 from csi_virtvol import errors
 from csi_virtvol.copy import planner
 from csi_virtvol.copy.planner import CopyLimits, SlotKind
-from csi_virtvol.model.array import Ability, lun_key
+from csi_virtvol.model.array import Ability, CopyCost, lun_key
 from csi_virtvol.model.ids import ArrayId, LunId, VolumeId
 from csi_virtvol.model.pair import CopyMethod, ExtentCopyState
 from csi_virtvol.model.volume import Extent, VirtualVolume
@@ -266,6 +266,45 @@ PLACE_CASES: list[tuple[str, dict[str, object], list[SlotRow], Mapping[str, int]
         {"a": 10},
     ),
     (
+        "a clone that fits is made; it leaves `takes` less room for what is provisioned beside it",
+        dict(source=vol("s", ext("a", "L1", 0, 100), ext("b", "L2", 0, 40)),
+             abilities={A: IC, B: NONE}, free={A: 130, B: 10},
+             clone_costs={"a:L1": CopyCost(needs=90, room=130, takes=90)}),
+        [(CL, 0, 100, "a", "L1", 0, False), (PR, 100, 40, "a", None, 0, False)],
+        {"a": 40},
+    ),
+    (
+        "issue 12: a clone the array cannot fit falls back to a host copy onto the array with room",
+        dict(source=vol("s", ext("a", "L1", 0, 100)), abilities={A: IC, B: NONE},
+             free={A: 5, B: 1000}, clone_costs={"a:L1": CopyCost(needs=90, room=5, takes=90)}),
+        [(PR, 0, 100, "b", None, 0, False)],
+        {"b": 100},
+    ),
+    (
+        "a clone that does not fit falls back to a remote copy first",
+        dict(source=vol("s", ext("a", "L1", 0, 100)), abilities={A: IC | RC, B: NONE, C: NONE},
+             free={A: 0, B: 1000, C: 2000}, reachable=only(("a", "b")), lun_sizes={"a:L1": 100},
+             clone_costs={"a:L1": CopyCost(needs=100, room=0, takes=100)}),
+        [(PR, 0, 100, "b", None, 0, True)],
+        {"b": 100},
+    ),
+    (
+        "clones of one array must fit together: the second is declined",
+        dict(source=vol("s", ext("a", "L1", 0, 100), ext("a", "L2", 0, 100)),
+             abilities={A: IC, B: NONE}, free={A: 150, B: 1000},
+             clone_costs={"a:L1": CopyCost(needs=100, room=150, takes=100),
+                          "a:L2": CopyCost(needs=100, room=150, takes=100)}),
+        [(CL, 0, 100, "a", "L1", 0, False), (PR, 100, 100, "b", None, 0, False)],
+        {"b": 100},
+    ),
+    (
+        "a thin snapshot needs nothing: cloned even on a full array",
+        dict(source=vol("s", ext("a", "L1", 0, 100)), abilities={A: IC, B: NONE},
+             free={A: 0, B: 1000}, clone_costs={"a:L1": CopyCost(needs=0, room=0, takes=0)}),
+        [(CL, 0, 100, "a", "L1", 0, False)],
+        {},
+    ),
+    (
         "mixed: clone, then provisioned pieces",
         dict(source=vol("s", ext("a", "L1", 0, 100), ext("c", "L3", 0, 40)),
              abilities={A: IC, C: NONE}, free={A: 1000, C: 1000}),
@@ -290,6 +329,14 @@ def test_place_targets_capacity_exceeded() -> None:
         planner.place_targets(source=vol("s", ext("a", "L1", 0, 100)),
                               abilities={A: NONE, B: NONE}, reachable=nobody,
                               free={A: 30, B: 30})
+
+
+def test_declined_clones_are_reported() -> None:
+    cost = CopyCost(needs=90, room=5, takes=90)
+    p = planner.place_targets(source=vol("s", ext("a", "L1", 0, 100)), abilities={A: IC, B: NONE},
+                              reachable=nobody, free={A: 5, B: 1000}, clone_costs={"a:L1": cost})
+    assert dict(p.declined) == {"a:L1": cost} and not p.clones
+    assert not cost.fits and CopyCost(needs=5, room=5, takes=0).fits
 
 
 def test_placement_to_plan_round_trip() -> None:
