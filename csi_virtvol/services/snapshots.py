@@ -271,6 +271,8 @@ class SnapshotService:
             self._cut(pair.id)
         except errors.VirtvolError as e:
             log.warning("%s %s: could not cut the image: %s; undoing", kind.value, target_id, e)
+            self._events.emit(parameters=parameters, reason="CopyFailed", warning=True,
+                              message=f"could not cut the image of {source.id} for {target_id}: {e}")
             self._discard(target_id)
             raise
         self._ensure_worker(target_id)

@@ -33,7 +33,8 @@ real URL layout, and the API machinery semantics the driver relies on:
 
 Built-in kinds served: Lease (coordination.k8s.io/v1), Event (v1 and
 events.k8s.io/v1), Job (batch/v1, with status), Pod (v1, with status and a
-``/log`` subresource whose text the test sets).  Built-in bodies are checked
+``/log`` subresource whose text the test sets), PersistentVolumeClaim (v1) and
+VolumeSnapshot (snapshot.storage.k8s.io/v1, schemaless).  Built-in bodies are checked
 with kubernetes-validate's schemas when it is installed.
 
 Tests drive what controllers would do (a Job's status, a Pod's log) through
@@ -109,6 +110,9 @@ BUILTINS = (
     Resource("events.k8s.io", "v1", "events", "Event", True, False),
     Resource("batch", "v1", "jobs", "Job", True, True),
     Resource("", "v1", "pods", "Pod", True, True, return_deleted=True),
+    # what copy Events are about (their uid goes into `regarding`)
+    Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, True),
+    Resource("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot", True, True, custom=True),
 )
 
 
