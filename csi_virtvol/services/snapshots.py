@@ -51,6 +51,11 @@ SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned ex
 ORPHAN_AGE = 60.0       # a target recorded this long ago with no pair was left by a crash
 FREEZE_WAIT = 30.0      # seconds a node has to hold a published source's writes
 POLL = 0.2
+# How long CreateSnapshot / CreateVolume-from-a-source wait for a copy before answering
+# "not ready yet" (ready_to_use=false / ABORTED): the sidecars poll, so a gRPC thread is
+# never held for long; an internal clone still answers ready at the first call.
+AWAIT = 0.5
+RESYNC_WAIT = 8.0       # `pair resync` (an operator's command) waits this long for a short resync
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,7 +69,7 @@ class Progress:
 
 class SnapshotService:
     def __init__(self, *, store: StateStore, arrays: ArrayPool, locks: KeyedLocks,
-                 volumes: VolumeService, runner: CopyRunner, wait: float = 8.0,
+                 volumes: VolumeService, runner: CopyRunner, wait: float = AWAIT,
                  bwlimit: Callable[[VirtualVolume], int] = lambda v: 0,
                  events: EventSink | None = None, is_leader: Callable[[], bool] = lambda: True) -> None:
         self._store = store
@@ -155,9 +160,9 @@ class SnapshotService:
         snap = self._await(sid)
         return snap, self.progress(snap)
 
-    def _await(self, vid: str) -> VirtualVolume:
+    def _await(self, vid: str, wait: float | None = None) -> VirtualVolume:
         """Wait a little for a short copy to finish, so small copies answer ready."""
-        deadline = time.monotonic() + self._wait
+        deadline = time.monotonic() + (self._wait if wait is None else wait)
         while True:
             rec = self._store.get(S.VOLUMES, vid)
             if rec is None:
@@ -677,7 +682,7 @@ class SnapshotService:
                 self._fail(target_id, f"resync could not cut the image: {e}")
                 raise
             self._ensure_worker(target_id)
-        self._await(target_id)
+        self._await(target_id, RESYNC_WAIT)
         return self._update_pair(target_id, lambda p: p)
 
     # -- DeleteSnapshot, and undoing a copy -----------------------------------

@@ -11,6 +11,8 @@ import pytest
 
 from k8s_helpers import CHART, NAMESPACE, RELEASE, ROOT, Doc, load_docs
 
+SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
+
 
 @pytest.fixture(scope="session")
 def k8s_bin() -> Path:
@@ -31,10 +33,11 @@ def helm(k8s_bin: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 
 @pytest.fixture(scope="session")
 def render(helm: Callable[..., subprocess.CompletedProcess[str]]) -> Callable[..., str]:
-    """helm template of the chart with --set/--values options, CRDs included."""
+    """helm template of the chart with --set/--values options, CRDs included, for a cluster
+    that serves the snapshot API (as `helm install` would find it there)."""
     def run(*opts: str) -> str:
         return helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds",
-                    *opts).stdout
+                    "--api-versions", SNAPSHOT_API, *opts).stdout
     return run
 
 

@@ -317,3 +317,18 @@ def test_dockerfile() -> None:
         *sources, _dest = line.split()
         for s in sources:
             assert (ROOT / s).exists(), f"Dockerfile copies {s}, which is not in the repository"
+
+
+def test_volume_snapshot_class_only_where_the_snapshot_api_exists(
+        helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """Issue 12: with the default values an install on a cluster without the snapshot CRDs
+    failed on the VolumeSnapshotClass.  helm sees the cluster's APIs as .Capabilities
+    (`helm template` takes them from --api-versions)."""
+    def kinds(*opts: str) -> list[str]:
+        out = helm("template", "csi-virtvol", str(CHART), "--namespace", NAMESPACE, *opts).stdout
+        return [d["kind"] for d in load_docs(out)]
+    bare = kinds()
+    assert "VolumeSnapshotClass" not in bare and "StorageClass" in bare
+    assert kinds("--api-versions", "snapshot.storage.k8s.io/v1/VolumeSnapshotClass").count("VolumeSnapshotClass") == 1
+    assert "VolumeSnapshotClass" not in kinds("--api-versions", "snapshot.storage.k8s.io/v1/VolumeSnapshotClass",
+                                              "--set", "volumeSnapshotClass.create=false")
