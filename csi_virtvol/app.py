@@ -1,6 +1,7 @@
 """The composition root: config -> store, arrays, services, servicers, server."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from csi_virtvol import errors
-from csi_virtvol.config import Config, parse_size
+from csi_virtvol.config import Config, merge_arrays, parse_size
 from csi_virtvol.model.volume import VirtualVolume
 from csi_virtvol.copy.runner import CopyRunner, LocalCopyRunner
 from csi_virtvol.services.events import EventSink
@@ -35,6 +36,22 @@ def open_store(config: Config) -> StateStore:
 
         return crdstore.CrdStore(crdstore.api_client(host=config.kube_api or None))
     raise errors.InvalidRequest(f"unknown store {config.store!r}: use sqlite or crd")
+
+
+def configured_arrays(config: Config, store: StateStore) -> Config:
+    """On the CRD store the StorageArray objects an administrator (or the chart) made are
+    array configuration too: read at start-up, each one in place of the --config entry of
+    the same id, or added to them (docs/CRDS.md)."""
+    if config.store != "crd":
+        return config
+    from csi_virtvol.kube import crdstore
+
+    if not isinstance(store, crdstore.CrdStore):
+        return config
+    found = store.array_specs(node_id=config.node_id)
+    if found:
+        log.info("StorageArray objects configure arrays %s", ", ".join(a.id for a in found))
+    return dataclasses.replace(config, arrays=merge_arrays(config.arrays, found))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +136,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     metadata = None
     core = None
     if config.mode.controller:
+        config = configured_arrays(config, store)
         parts = cluster_parts(config) if config.store == "crd" else None
         core = build_controller(config, store, locks, runner=parts.runner if parts else None,
                                 events=parts.events if parts else None,

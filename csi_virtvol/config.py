@@ -96,6 +96,21 @@ def parse_size(value: object) -> int:
     return n * units[suffix]
 
 
+def array_from_item(item: Mapping[str, Any], *, node_id: NodeId) -> ArraySpec:
+    """One `arrays` entry of the config file (or a StorageArray's spec, with `id` = its
+    name), validated; a file pool without topology is local to `node_id`."""
+    return _array_from_yaml(item, node_id=node_id)
+
+
+def merge_arrays(base: tuple[ArraySpec, ...], overrides: list[ArraySpec] | tuple[ArraySpec, ...]
+                 ) -> tuple[ArraySpec, ...]:
+    """`base` (--config) with each array of `overrides` (StorageArray objects) put in place
+    of the one of the same id, or added after them."""
+    by_id = {a.id: a for a in overrides}
+    out = [by_id.pop(a.id, a) for a in base]
+    return tuple(out + [a for a in overrides if a.id in by_id])
+
+
 def _array_from_yaml(item: Mapping[str, Any], *, node_id: NodeId) -> ArraySpec:
     try:
         aid = str(item["id"])

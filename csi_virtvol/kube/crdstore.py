@@ -56,10 +56,10 @@ import kubernetes.client as k8s
 import kubernetes.watch as _k8s_watch
 import urllib3.exceptions
 
-from csi_virtvol import errors
+from csi_virtvol import config, errors
 from csi_virtvol.model import codec
 from csi_virtvol.model.array import ArraySpec
-from csi_virtvol.model.ids import ArrayId, Revision
+from csi_virtvol.model.ids import NodeId, Revision
 from csi_virtvol.store.base import Change, Table, Versioned
 
 T = TypeVar("T")
@@ -76,6 +76,8 @@ RECORD_ANNOTATION = f"{GROUP}/record"
 INDEX_LABEL_PREFIX = f"idx.{GROUP}/"
 MANAGED_BY = ("app.kubernetes.io/managed-by", "csi-virtvol")
 PAIR_FINALIZER = f"{GROUP}/pair"
+# on a StorageArray the driver made from its --config: a record of that entry, not configuration
+RECORDED_ANNOTATION = f"{GROUP}/recorded-from"
 
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -108,7 +110,9 @@ def _abilities(names: list[str]) -> list[str]:
 
 
 def _array_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
-    spec: Obj = {"kind": rec["kind"], "params": dict(old_spec.get("params") or {}),
+    # an administrator's params stay as they wrote them; an array from --config shows its own
+    # (secrets were left out of the record by ArrayPool)
+    spec: Obj = {"kind": rec["kind"], "params": dict(old_spec.get("params") or rec.get("params") or {}),
                  "labels": rec["labels"], "abilityOverrides": dict(old_spec.get("abilityOverrides") or {}),
                  "topology": rec["topology"]}
     status: Obj = {"identity": rec["identity"], "probedAbilities": _abilities(rec["probed"]),
@@ -320,6 +324,8 @@ class CrdStore:
         annotations = dict(old_meta.get("annotations") or {})
         annotations[KEY_ANNOTATION] = key
         annotations[RECORD_ANNOTATION] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+        if kind.adopt and old is None:  # nobody described this array as an object: --config did
+            annotations[RECORDED_ANNOTATION] = "config"
         finalizers = [f for f in (old_meta.get("finalizers") or []) if f != PAIR_FINALIZER]
         if kind.finalizer(rec) and not old_meta.get("deletionTimestamp"):
             finalizers.append(PAIR_FINALIZER)
@@ -541,18 +547,25 @@ class CrdStore:
 
     # -- extras --------------------------------------------------------------------
 
-    def array_specs(self) -> builtins.list[ArraySpec]:
-        """Every StorageArray as the administrator described it (its spec)."""
+    def array_specs(self, *, node_id: NodeId) -> builtins.list[ArraySpec]:
+        """Every StorageArray an administrator (or the chart) described, as configuration
+        (its spec, read like a --config entry; a file pool without topology is local to
+        `node_id`).  Objects the driver made from its own --config are records of it and
+        are left out; an object whose spec is not a valid array is logged and skipped."""
         out = []
         for obj in self._list_all(KINDS["arrays"]):
+            meta = obj.get("metadata") or {}
+            annotations = meta.get("annotations") or {}
+            if annotations.get(RECORDED_ANNOTATION) or meta.get("deletionTimestamp"):
+                continue
             spec = obj.get("spec") or {}
-            out.append(ArraySpec(
-                id=ArrayId(str(((obj.get("metadata") or {}).get("annotations") or {}).get(
-                    KEY_ANNOTATION, obj["metadata"]["name"]))),
-                kind=str(spec.get("kind", "")), params=dict(spec.get("params") or {}),
-                labels=dict(spec.get("labels") or {}),
-                ability_overrides=dict(spec.get("abilityOverrides") or {}),
-                topology=dict(spec.get("topology") or {})))
+            item = {"id": str(annotations.get(KEY_ANNOTATION, meta["name"])), "kind": spec.get("kind", ""),
+                    "params": spec.get("params") or {}, "labels": spec.get("labels") or {},
+                    "abilityOverrides": spec.get("abilityOverrides") or {}, "topology": spec.get("topology") or {}}
+            try:
+                out.append(config.array_from_item(item, node_id=node_id))
+            except errors.InvalidRequest as e:
+                logger.error("StorageArray %s is not a usable array, ignoring it: %s", meta["name"], e)
         return sorted(out, key=lambda s: s.id)
 
     def close(self) -> None:

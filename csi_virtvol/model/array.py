@@ -68,6 +68,21 @@ class ArraySpec:
     topology: Mapping[str, str] = field(default_factory=dict)
 
 
+_SECRET_WORDS = ("secret", "password", "passwd", "passphrase", "token", "credential", "chap", "apikey",
+                 "api_key", "privatekey", "private_key")
+
+
+def is_secret_param(name: str) -> bool:
+    """Whether an array parameter's name says it holds a secret (never written to a record)."""
+    low = name.lower().replace("-", "_")
+    return any(w in low or w in low.replace("_", "") for w in _SECRET_WORDS)
+
+
+def public_params(params: Mapping[str, str]) -> dict[str, str]:
+    """An array's parameters without the secret ones: what may be shown and stored."""
+    return {k: v for k, v in params.items() if not is_secret_param(k)}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LunSummary:
     """One row of an array's LUN inventory, as last synchronised."""
@@ -93,6 +108,8 @@ class ArrayInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     topology: Mapping[str, str] = field(default_factory=dict)
     luns: tuple[LunSummary, ...] = ()  # the inventory at the last synchronisation ([0047])
+    # the driver parameters it was opened with, secrets left out (`public_params`)
+    params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,7 @@ from csi_virtvol import errors
 from csi_virtvol.backends import abilities as ability_table
 from csi_virtvol.backends import registry
 from csi_virtvol.backends.base import ArrayDriver
-from csi_virtvol.model.array import ArrayInfo, ArraySpec, Lun, LunOrigin, LunState, LunSummary
+from csi_virtvol.model.array import ArrayInfo, ArraySpec, Lun, LunOrigin, LunState, LunSummary, public_params
 from csi_virtvol.model.ids import ArrayId
 from csi_virtvol.store import base as store_base
 from csi_virtvol.store.base import StateStore
@@ -68,7 +68,7 @@ class ArrayPool:
             identity=probed.identity, probed=probed.probed, table=self._table,
             overrides=spec.ability_overrides)
         return dataclasses.replace(probed, abilities=abilities, labels=dict(spec.labels),
-                                   topology=dict(spec.topology))
+                                   topology=dict(spec.topology), params=public_params(spec.params))
 
     def infos(self, *, fresh: bool = True) -> list[ArrayInfo]:
         return [self.info(a, fresh=fresh) for a in self._drivers]

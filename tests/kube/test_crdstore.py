@@ -14,6 +14,7 @@ from csi_virtvol import errors
 from csi_virtvol.kube.crdstore import (
     GROUP, KEY_ANNOTATION, PAIR_FINALIZER, VERSION, CrdStore, label_value, object_name, progress,
 )
+from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.volume import CopyRole, VolumeState
 from csi_virtvol.store.base import ARRAYS, LUNS, PAIRS, VOLUMES
 
@@ -90,7 +91,7 @@ def test_adopts_an_array_the_admin_created(fake_api: FakeApiServer, store: CrdSt
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "StorageArray", "metadata": {"name": "gold"},
         "spec": {"kind": "filepool", "params": {"path": "/srv/gold"}, "abilityOverrides": {"remote-copy": False}}})
     assert store.get(ARRAYS, "gold") is None  # not probed yet
-    [spec] = store.array_specs()
+    [spec] = store.array_specs(node_id=NodeId("node-1"))
     assert spec.id == "gold" and spec.params == {"path": "/srv/gold"}
     assert spec.ability_overrides == {"remote-copy": False}
     rev = store.create(ARRAYS, array("gold"))
