@@ -138,8 +138,21 @@ def _volume_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
                  "sourceVolume": rec["source_volume"], "topology": rec["topology"]}
     status: Obj = {"state": rec["state"], "role": rec["role"],
                    "attachments": [{"node": a["node"], "readonly": a["readonly"]} for a in rec["attachments"]],
-                   "message": rec["message"]}
+                   "message": rec["message"], "extents": extents_text(rec["extents"])}
     return spec, status
+
+
+def size_text(n: int) -> str:
+    """Bytes in the largest binary unit that divides them exactly (64Mi, 1536Ki, 7)."""
+    for unit, shift in (("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def extents_text(extents: list[Obj]) -> str:
+    """The VirtualVolume Extents column: every extent as ARRAY:SIZE, in order."""
+    return ",".join(f"{e['array']}:{size_text(int(e['length']))}" for e in extents)
 
 
 _PAIR_RANK = {"failed": 0, "copying": 1, "resyncing": 2, "paired": 3, "split": 4}

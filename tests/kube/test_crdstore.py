@@ -102,3 +102,26 @@ def test_adopts_an_array_the_admin_created(fake_api: FakeApiServer, store: CrdSt
     assert obj["spec"]["abilityOverrides"] == {"remote-copy": False}
     with pytest.raises(errors.Conflict):
         store.create(ARRAYS, array("gold"))
+
+
+def test_extents_column_shows_every_extent(fake_api: FakeApiServer, store: CrdStore) -> None:
+    """Issue 12: the Extents column showed only the first extent's array.  It reads
+    status.extents, which the store keeps as ARRAY:SIZE of every extent, in order."""
+    import yaml
+
+    crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "charts" / "csi-virtvol" / "crds"
+                          / "virtualvolumes.virtvol.csi.example.org.yaml").read_text())
+    [col] = [c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"] if c["name"] == "Extents"]
+
+    def column(obj: dict[str, Any]) -> Any:  # a plain .a.b JSONPath, as the column's
+        out: Any = obj
+        for part in col["jsonPath"].strip(".").split("."):
+            out = (out or {}).get(part)
+        return out
+
+    rev = store.create(VOLUMES, volume("v1"))
+    assert column(fake_api.find(GROUP, "virtualvolumes", "v1") or {}) == "gold:1Gi,silver:2Gi"
+    grown = dataclasses.replace(volume("v1"), extents=volume("v1").extents + (
+        dataclasses.replace(volume("v1").extents[0], lun="l9", length=(64 << 20) + 512),))
+    store.update(VOLUMES, grown, revision=rev)
+    assert column(fake_api.find(GROUP, "virtualvolumes", "v1") or {}) == "gold:1Gi,silver:2Gi,gold:67109376"
