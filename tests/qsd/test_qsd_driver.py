@@ -406,3 +406,25 @@ def test_a_raw_image_found_in_the_pool_is_a_usable_lun(daemons: list[QsdDriver],
     assert read_all(a.open_path(lun_id=lun.id)) == bytes(3 * MiB)
     with open(Path(a.spec.params["pool"]) / "luns" / "old-copy.img", "rb") as f:
         assert f.read(4) == b"QFI\xfb"  # copies are qcow2 whatever the source
+
+
+def test_internal_copy_cost_is_a_whole_new_lun_and_agrees_with_the_copy(tmp_path: Path) -> None:
+    """Issue 12: the planner asks before it clones.  A qsd backup copy is a full new LUN,
+    so under a capacity cap it fits only while the cap has the source's size left."""
+    a = QsdDriver(spec_for(tmp_path / "qc", "qc", capacity=str(48 * MiB)))
+    try:
+        src = a.create_lun(name="src", size=32 * MiB)
+        cost = a.internal_copy_cost(source=src.id)
+        assert cost.needs == 32 * MiB and cost.room == 16 * MiB and not cost.fits
+        with pytest.raises(errors.CapacityExceeded):
+            a.copy_lun_internal(source=src.id, name="snap")
+        small = a.create_lun(name="small", size=8 * MiB)
+        cost = a.internal_copy_cost(source=small.id)
+        assert cost.fits and cost.needs == 8 * MiB == cost.takes
+        before = a.describe().capacity_free
+        a.copy_lun_internal(source=small.id, name="small-copy")
+        assert before - a.describe().capacity_free == cost.takes
+        with pytest.raises(errors.NotFound):
+            a.internal_copy_cost(source=LunId("missing"))
+    finally:
+        a.shutdown()
