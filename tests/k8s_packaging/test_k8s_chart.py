@@ -332,3 +332,13 @@ def test_volume_snapshot_class_only_where_the_snapshot_api_exists(
     assert kinds("--api-versions", "snapshot.storage.k8s.io/v1/VolumeSnapshotClass").count("VolumeSnapshotClass") == 1
     assert "VolumeSnapshotClass" not in kinds("--api-versions", "snapshot.storage.k8s.io/v1/VolumeSnapshotClass",
                                               "--set", "volumeSnapshotClass.create=false")
+
+
+def test_controller_rbac_covers_copy_events(default_docs: list[Doc]) -> None:
+    """What kube/events.py and kube/sink.py call: Events (create, and patch to count a
+    series) and a read of the PVC or VolumeSnapshot for its uid when the CO's generated
+    names do not carry it."""
+    r = rules_for(default_docs, "csi-virtvol-controller")
+    needs = [("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+             ("", "persistentvolumeclaims", "get"), ("snapshot.storage.k8s.io", "volumesnapshots", "get")]
+    assert [n for n in needs if not allowed(r, *n)] == []
