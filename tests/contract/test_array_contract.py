@@ -266,3 +266,20 @@ def test_internal_copy_is_truthful(array: ArrayDriver) -> None:
     with pytest.raises(errors.AlreadyExists):
         array.copy_lun_internal(source=src.id, name=other.id)
     assert lun_ids(array) == {src.id, copy.id, other.id}
+
+
+def test_internal_copy_cost_is_what_the_copy_then_takes(array: ArrayDriver) -> None:
+    """Issue 12: the planner asks `internal_copy_cost` before it clones; the answer must be
+    what the copy then does to the array's free capacity."""
+    if Ability.INTERNAL_COPY not in array.describe().probed:
+        return
+    assert isinstance(array, InternalCopyCapable)
+    src = array.create_lun(name=name("src"), size=8 * MiB)
+    write_at(array.open_path(lun_id=src.id), 0, os.urandom(2 * MiB))
+    cost = array.internal_copy_cost(source=src.id)
+    assert cost.fits and 0 <= cost.needs <= src.size and 0 <= cost.takes
+    before = array.describe().capacity_free
+    array.copy_lun_internal(source=src.id, name=name("copy"))
+    assert abs((before - array.describe().capacity_free) - cost.takes) <= MiB  # filesystem metadata
+    with pytest.raises(errors.NotFound):
+        array.internal_copy_cost(source=LunId("no-such-lun"))
