@@ -13,6 +13,7 @@ from csi_virtvol.config import Config, parse_size
 from csi_virtvol.model.volume import VirtualVolume
 from csi_virtvol.copy.runner import CopyRunner, LocalCopyRunner
 from csi_virtvol.services.events import EventSink
+from csi_virtvol.services.groups import GroupService
 from csi_virtvol.services.snapshots import SnapshotService
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
@@ -43,6 +44,7 @@ class ControllerCore:
     volumes: VolumeService
     publish: PublishService
     snapshots: SnapshotService
+    groups: GroupService
     metadata: SnapshotMetadataService
 
 
@@ -55,12 +57,14 @@ def build_controller(config: Config, store: StateStore, locks: KeyedLocks, *,
     runner = runner or LocalCopyRunner(work_dir=os.path.join(config.data_dir, "copies"))
     snapshots = SnapshotService(store=store, arrays=arrays, locks=locks, volumes=volumes, runner=runner,
                                 bwlimit=lambda v: copy_bandwidth(config, v), events=events, is_leader=is_leader)
+    groups = GroupService(store=store, locks=locks, volumes=volumes, snapshots=snapshots)
     arrays.sync()
     single = config.store == "sqlite"  # one controller: nothing else can be half-way through a create
     if single or is_leader():
         volumes.recover()
+        groups.recover()  # before resume: a group never cut is undone, not copied member by member
     snapshots.resume(orphan_age=0.0 if single else 60.0)
-    return ControllerCore(arrays=arrays, volumes=volumes, publish=publish, snapshots=snapshots,
+    return ControllerCore(arrays=arrays, volumes=volumes, publish=publish, snapshots=snapshots, groups=groups,
                           metadata=SnapshotMetadataService(volumes=volumes, arrays=arrays))
 
 
@@ -102,6 +106,7 @@ def cluster_parts(config: Config) -> ClusterParts:
 
 def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     from csi_virtvol.csi.controller import ControllerServicer
+    from csi_virtvol.csi.group_controller import GroupControllerServicer
     from csi_virtvol.csi.identity import IdentityServicer
     from csi_virtvol.csi.node import NodeServicer
     from csi_virtvol.csi.pairs import PairsServicer
@@ -117,6 +122,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     controller = None
     pairs = None
     metadata = None
+    group_controller = None
     core = None
     if config.mode.controller:
         parts = cluster_parts(config) if config.store == "crd" else None
@@ -126,6 +132,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots)
         pairs = PairsServicer(snapshots=core.snapshots)
         metadata = SnapshotMetadataServicer(service=core.metadata)
+        group_controller = GroupControllerServicer(groups=core.groups, snapshots=core.snapshots)
         loops += [(f"lease-{i}", t) for i, t in enumerate(parts.threads if parts else ())]
         loops.append(("reconcile", core.snapshots.reconcile))
         leader = parts.is_leader if parts else (lambda: True)
@@ -142,9 +149,10 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     for t in threads:
         t.start()
     identity = IdentityServicer(controller=config.mode.controller, ready=ready.is_set,
-                                snapshot_metadata=metadata is not None)
+                                snapshot_metadata=metadata is not None,
+                                group_controller=group_controller is not None)
     server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node,
-                          pairs=pairs, snapshot_metadata=metadata)
+                          pairs=pairs, snapshot_metadata=metadata, group_controller=group_controller)
     server.start()
     ready.set()
     log.info("csi-virtvol serving (mode=%s, node=%s, store=%s, data-dir=%s)",
