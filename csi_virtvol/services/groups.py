@@ -165,8 +165,8 @@ class GroupService:
         group = GroupSnapshot(id=gid, name=name, sources=sources, members=members, state=GroupState.CUTTING,
                               parameters=parameters, created_at=time.time())
         self._store.create(S.GROUPS, group)  # the intent: undone by recover() after a crash
-        failpoints.hit("group-recorded")
         try:
+            failpoints.hit("group-recorded")
             for v, m in zip(vols, members):
                 if self._store.get(S.VOLUMES, m) is not None:  # a left-over of an undone attempt
                     self._snapshots.discard_member(m)

@@ -237,3 +237,86 @@ def test_a_member_that_cannot_be_held_releases_all_others(two_arrays: Plugin, tm
         assert {r.value.state.value for r in st.list(S.LUNS)} == {"in-use"}
     unstage(p, p.node, NODE_ID, a, tmp_path / "a")
     unstage(p, p.node, NODE_ID, b, tmp_path / "b")
+
+
+# -- failures and crashes at each step of a group's cut (a separate plugin process) ---------------
+
+GROUP_POINTS = ["group-recorded", "group-members-recorded", "group-hold-requested", "group-held",
+                "group-cut-1", "group-cut", "group-marked-cut"]
+
+
+@pytest.mark.parametrize("point", [f"{p}=error" for p in GROUP_POINTS[:-1]] + GROUP_POINTS)
+def test_group_fails_or_crashes_at_each_step_and_leaves_nothing_half_made(point: str, ext4_mount: Path,
+                                                                          tmp_path: Path) -> None:
+    """An error at a step is answered, and every member is undone at once; a SIGKILL at a
+    step is followed by a restart that undoes a group never cut, or finishes one that was.
+    Either way the sources are unfenced, the LUN files equal the LUN records, and the
+    group can then be made and restores what the sources held."""
+    import signal
+
+    import yaml
+
+    from test_crash import content, serving
+
+    tag = uuid.uuid4().hex[:8]
+    pools = {"pool-a": ext4_mount / f"ga-{tag}", "pool-b": ext4_mount / f"gb-{tag}"}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"arrays": [
+        {"id": a, "kind": "file", "params": {"path": str(p), "capacity": str(256 * MiB)}} for a, p in pools.items()]}))
+    data = tmp_path / "data"
+    data.mkdir()
+    with serving(data, config) as (_, channel):
+        vids = [rpc.ControllerStub(channel).CreateVolume(pb.CreateVolumeRequest(
+            name=f"src-{a}", capacity_range=pb.CapacityRange(required_bytes=32 * MiB),
+            volume_capabilities=[mount_cap()], parameters={"arrays": a})).volume.volume_id for a in pools]
+    for a, pool in pools.items():
+        for lun in pool.joinpath("luns").glob("*.img"):
+            with open(lun, "r+b") as f:
+                f.write(os.urandom(4 * MiB) + a.encode() * 1024)
+    at_cut = {v: content(data, pools, v) for v in vids}
+
+    def footprint() -> tuple[set[str], dict[str, int], set[str]]:
+        with SqliteStore(str(data / "state.db"), readonly=True) as st:
+            luns = {r.value.key for r in st.list(S.LUNS)}
+            counts = {t.name: len(st.list(t)) for t in (S.VOLUMES, S.PAIRS, S.GROUPS)}
+            states = {r.value.state.value for r in st.list(S.LUNS)}
+        files = {f"{a}:{f.stem}" for a, p in pools.items() for f in p.joinpath("luns").glob("*.img")}
+        assert files == luns, "LUN files and LUN records disagree (a leak or a loss)"
+        return luns, counts, states
+
+    before = footprint()
+    req = pb.CreateVolumeGroupSnapshotRequest(name="grp", source_volume_ids=vids)
+    with serving(data, config, failpoint=point) as (proc, channel):
+        groups = rpc.GroupControllerStub(channel)
+        if point.endswith("=error"):
+            with pytest.raises(grpc.RpcError) as e:
+                groups.CreateVolumeGroupSnapshot(req, timeout=60)
+            assert e.value.code() is Code.INTERNAL and "injected" in (e.value.details() or "")
+            assert footprint() == before, f"an error at {point} left part of the group behind"
+        else:
+            with pytest.raises(grpc.RpcError):
+                groups.CreateVolumeGroupSnapshot(req, timeout=60)  # the plugin dies under the call
+            proc.wait(timeout=60)
+            assert proc.returncode == -signal.SIGKILL, f"failpoint {point} was not reached"
+
+    with serving(data, config) as (_, channel):
+        ctl, groups = rpc.ControllerStub(channel), rpc.GroupControllerStub(channel)
+        if not point.endswith("=error") and point != "group-marked-cut":
+            assert footprint() == before, f"the restart after a crash at {point} did not undo the group"
+        deadline = time.monotonic() + 120
+        while True:
+            g = groups.CreateVolumeGroupSnapshot(req).group_snapshot
+            if g.ready_to_use:
+                break
+            assert time.monotonic() < deadline, "the group never became ready"
+            time.sleep(0.5)
+        assert sorted(s.source_volume_id for s in g.snapshots) == sorted(vids)
+        for s in g.snapshots:
+            assert content(data, pools, s.snapshot_id) == at_cut[s.source_volume_id]
+        assert footprint()[2] == {"in-use"}, "a source stayed fenced"
+        groups.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(
+            group_snapshot_id=g.group_snapshot_id, snapshot_ids=[s.snapshot_id for s in g.snapshots]))
+        assert footprint() == before
+        for v in vids:
+            ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v))
+    assert [f for p in pools.values() for f in p.joinpath("luns").glob("*")] == []
