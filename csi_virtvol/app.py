@@ -129,7 +129,8 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         core = build_controller(config, store, locks, runner=parts.runner if parts else None,
                                 events=parts.events if parts else None,
                                 is_leader=parts.is_leader if parts else (lambda: True))
-        controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots)
+        controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots,
+                                        groups=core.groups)
         pairs = PairsServicer(snapshots=core.snapshots)
         metadata = SnapshotMetadataServicer(service=core.metadata)
         group_controller = GroupControllerServicer(groups=core.groups, snapshots=core.snapshots)

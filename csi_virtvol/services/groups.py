@@ -205,6 +205,19 @@ class GroupService:
                 return view
             time.sleep(POLL)
 
+    def groups_of(self) -> dict[str, str]:
+        """Member snapshot id -> the id of the (cut) group it belongs to."""
+        return {m: g.value.id for g in self._store.list(S.GROUPS) if g.value.state is GroupState.CUT
+                for m in g.value.members}
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """DeleteSnapshot: a group's member goes only with its group (it carries group_snapshot_id)."""
+        group = self.groups_of().get(snapshot_id)
+        if group is not None:
+            raise errors.PreconditionFailed(
+                f"snapshot {snapshot_id} is a member of group snapshot {group}: delete the group")
+        self._snapshots.delete_snapshot(snapshot_id)
+
     # -- DeleteVolumeGroupSnapshot -------------------------------------------
     def delete(self, group_id: str, *, snapshot_ids: Sequence[str]) -> None:
         if not group_id:

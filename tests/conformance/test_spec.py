@@ -295,10 +295,15 @@ def test_create_volume_group_snapshot_is_idempotent_by_name(plugin: Plugin) -> N
     assert sorted(s.snapshot_id for s in again.snapshots) == sorted(s.snapshot_id for s in first.snapshots)
     expect(plugin, Code.ALREADY_EXISTS, plugin.groups.CreateVolumeGroupSnapshot, _group_req(name, [a, other]))
     expect(plugin, Code.ALREADY_EXISTS, plugin.groups.CreateVolumeGroupSnapshot, _group_req(name, [a]))
-    # each member is an ordinary snapshot too
+    # each member is an ordinary snapshot too, that names its group and goes only with it
     for s in first.snapshots:
         got = plugin.controller.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=s.snapshot_id)).snapshot
         assert got.source_volume_id == s.source_volume_id and got.ready_to_use
+        assert got.group_snapshot_id == first.group_snapshot_id
+        listed = plugin.controller.ListSnapshots(pb.ListSnapshotsRequest(source_volume_id=s.source_volume_id))
+        assert [e.snapshot.group_snapshot_id for e in listed.entries] == [first.group_snapshot_id]
+        expect(plugin, Code.FAILED_PRECONDITION, plugin.controller.DeleteSnapshot,
+               pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
 
 
 def test_get_volume_group_snapshot(plugin: Plugin) -> None:
