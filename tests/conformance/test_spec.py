@@ -314,6 +314,7 @@ def test_get_volume_group_snapshot(plugin: Plugin) -> None:
     R = pb.GetVolumeGroupSnapshotRequest
     expect(plugin, Code.INVALID_ARGUMENT, get, R(snapshot_ids=ids))
     expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id=g.group_snapshot_id))
+    expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id="vg-does-not-exist"))  # snapshot_ids is REQUIRED
     expect(plugin, Code.NOT_FOUND, get, R(group_snapshot_id="vg-does-not-exist", snapshot_ids=ids))
     expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids[:1]))
     expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id=g.group_snapshot_id,
@@ -331,6 +332,7 @@ def test_delete_volume_group_snapshot(plugin: Plugin) -> None:
     R = pb.DeleteVolumeGroupSnapshotRequest
     expect(plugin, Code.INVALID_ARGUMENT, d, R(snapshot_ids=ids))
     expect(plugin, Code.INVALID_ARGUMENT, d, R(group_snapshot_id=g.group_snapshot_id))
+    expect(plugin, Code.INVALID_ARGUMENT, d, R(group_snapshot_id="vg-never-was"))  # snapshot_ids is REQUIRED
     expect(plugin, Code.INVALID_ARGUMENT, d, R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids[:1]))
     d(R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids))
     assert plugin.footprint() == before, "deleting the group left a member behind"
