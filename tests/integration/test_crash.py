@@ -52,6 +52,8 @@ def serving(data: Path, config: Path, *, failpoint: str = "") -> Iterator[tuple[
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         log.close()
+        if os.path.exists(sock):  # a killed plugin leaves its socket file behind
+            os.unlink(sock)
 
 
 def content(data: Path, pools: dict[str, Path], vid: str) -> bytes:
