@@ -320,3 +320,63 @@ def test_group_fails_or_crashes_at_each_step_and_leaves_nothing_half_made(point:
         for v in vids:
             ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v))
     assert [f for p in pools.values() for f in p.joinpath("luns").glob("*")] == []
+
+
+@pytest.mark.root
+def test_no_member_is_cut_alone_while_its_group_is_cutting(ext4_mount: Path, tmp_path: Path) -> None:
+    """The snapshot service's reconcile (resume) keeps every copy in flight running; it must not
+    cut and copy a member of a group still being cut, or that member would be let go early."""
+    import dataclasses
+
+    import yaml
+
+    from csi_virtvol.model.capability import AccessMode, AccessType, Capability
+    from csi_virtvol.model.group import GroupSnapshot, GroupState
+    from csi_virtvol.model.ids import VolumeId
+    from csi_virtvol.model.volume import VolumeKind
+    from csi_virtvol.services.groups import cut_group, group_id_for, member_name
+    from csi_virtvol.services.locks import KeyedLocks
+    from csi_virtvol.services.volumes import CreateVolume, volume_id_for
+
+    tag = unique("r")
+    pools = {"pool-a": ext4_mount / f"ra-{tag}", "pool-b": ext4_mount / f"rb-{tag}"}
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"arrays": [
+        {"id": a, "kind": "file", "params": {"path": str(p), "capacity": str(64 * MiB)}} for a, p in pools.items()]}))
+    config = load_config(endpoint=f"unix://{tmp_path}/unused.sock", data_dir=str(tmp_path / "data"),
+                         node_id=NODE_ID, config_file=str(cfg))
+    os.makedirs(config.data_dir)
+    store = SqliteStore(config.state_path)
+    core = app.build_controller(config, store, KeyedLocks())
+    try:
+        cap = Capability(access_type=AccessType.MOUNT, access_mode=AccessMode.SINGLE_NODE_WRITER)
+        vols = [core.volumes.create(CreateVolume(name=f"v-{a}", required_bytes=8 * MiB, parameters={"arrays": a},
+                                                 capabilities=(cap,))) for a in pools]
+        members = tuple(volume_id_for(member_name("g", v.id), VolumeKind.SNAPSHOT) for v in vols)
+        group = GroupSnapshot(id=group_id_for("g"), name="g", sources=tuple(VolumeId(v.id) for v in vols),
+                              members=members, state=GroupState.CUTTING, created_at=time.time())
+        store.create(S.GROUPS, group)
+        for v, m in zip(vols, members):
+            core.snapshots.record_member(snapshot_id=m, name=member_name("g", v.id), source=v, parameters={})
+        core.snapshots.resume()  # what the reconcile loop runs every few seconds
+        time.sleep(1.5)
+        for m in members:
+            pair = store.get(S.PAIRS, m)
+            assert pair is not None and pair.value.cut_at == 0.0, f"member {m} was cut on its own"
+            assert pair.value.fence.value == "none" and pair.value.state.value == "copying"
+        assert {r.value.state.value for r in store.list(S.LUNS)} == {"in-use"}
+        # the group then cuts them together, and they complete
+        cut_group(core.snapshots, members)
+        S.upsert(store, S.GROUPS, dataclasses.replace(group, state=GroupState.CUT, cut_at=time.time()))
+        core.snapshots.resume()
+        deadline = time.monotonic() + 60
+        while not all(core.snapshots.get(m).state.value == "available" for m in members):
+            assert time.monotonic() < deadline, "the members never completed"
+            time.sleep(0.2)
+        core.groups.delete(group.id, snapshot_ids=members)
+        for v in vols:
+            core.volumes.delete(v.id)
+        assert [f for p in pools.values() for f in p.joinpath("luns").glob("*")] == []
+    finally:
+        core.snapshots.close()
+        store.close()
