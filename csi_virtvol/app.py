@@ -14,6 +14,7 @@ from csi_virtvol.config import Config, merge_arrays, parse_size
 from csi_virtvol.model.volume import VirtualVolume
 from csi_virtvol.copy.runner import CopyRunner, LocalCopyRunner
 from csi_virtvol.services.events import EventSink
+from csi_virtvol.services.groups import GroupService
 from csi_virtvol.services.snapshots import SnapshotService
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
@@ -60,6 +61,7 @@ class ControllerCore:
     volumes: VolumeService
     publish: PublishService
     snapshots: SnapshotService
+    groups: GroupService
     metadata: SnapshotMetadataService
 
 
@@ -72,12 +74,14 @@ def build_controller(config: Config, store: StateStore, locks: KeyedLocks, *,
     runner = runner or LocalCopyRunner(work_dir=os.path.join(config.data_dir, "copies"))
     snapshots = SnapshotService(store=store, arrays=arrays, locks=locks, volumes=volumes, runner=runner,
                                 bwlimit=lambda v: copy_bandwidth(config, v), events=events, is_leader=is_leader)
+    groups = GroupService(store=store, locks=locks, volumes=volumes, snapshots=snapshots)
     arrays.sync()
     single = config.store == "sqlite"  # one controller: nothing else can be half-way through a create
     if single or is_leader():
         volumes.recover()
+        groups.recover()  # before resume: a group never cut is undone, not copied member by member
     snapshots.resume(orphan_age=0.0 if single else 60.0)
-    return ControllerCore(arrays=arrays, volumes=volumes, publish=publish, snapshots=snapshots,
+    return ControllerCore(arrays=arrays, volumes=volumes, publish=publish, snapshots=snapshots, groups=groups,
                           metadata=SnapshotMetadataService(volumes=volumes, arrays=arrays))
 
 
@@ -119,6 +123,7 @@ def cluster_parts(config: Config) -> ClusterParts:
 
 def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     from csi_virtvol.csi.controller import ControllerServicer
+    from csi_virtvol.csi.group_controller import GroupControllerServicer
     from csi_virtvol.csi.identity import IdentityServicer
     from csi_virtvol.csi.node import NodeServicer
     from csi_virtvol.csi.pairs import PairsServicer
@@ -134,6 +139,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     controller = None
     pairs = None
     metadata = None
+    group_controller = None
     core = None
     if config.mode.controller:
         config = configured_arrays(config, store)
@@ -141,9 +147,11 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         core = build_controller(config, store, locks, runner=parts.runner if parts else None,
                                 events=parts.events if parts else None,
                                 is_leader=parts.is_leader if parts else (lambda: True))
-        controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots)
+        controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots,
+                                        groups=core.groups)
         pairs = PairsServicer(snapshots=core.snapshots)
         metadata = SnapshotMetadataServicer(service=core.metadata)
+        group_controller = GroupControllerServicer(groups=core.groups, snapshots=core.snapshots)
         loops += [(f"lease-{i}", t) for i, t in enumerate(parts.threads if parts else ())]
         loops.append(("reconcile", core.snapshots.reconcile))
         leader = parts.is_leader if parts else (lambda: True)
@@ -160,9 +168,10 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     for t in threads:
         t.start()
     identity = IdentityServicer(controller=config.mode.controller, ready=ready.is_set,
-                                snapshot_metadata=metadata is not None)
+                                snapshot_metadata=metadata is not None,
+                                group_controller=group_controller is not None)
     server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node,
-                          pairs=pairs, snapshot_metadata=metadata)
+                          pairs=pairs, snapshot_metadata=metadata, group_controller=group_controller)
     server.start()
     ready.set()
     log.info("csi-virtvol serving (mode=%s, node=%s, store=%s, data-dir=%s)",

@@ -9,6 +9,7 @@ from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
 from csi_virtvol.model.capability import unsupported_reason
 from csi_virtvol.model.volume import VirtualVolume
 from csi_virtvol.services import params as P
+from csi_virtvol.services.groups import GroupService
 from csi_virtvol.services.publish import PublishService
 from csi_virtvol.services.snapshots import SnapshotService
 from csi_virtvol.services.volumes import CreateVolume, VolumeService
@@ -23,10 +24,12 @@ CAPABILITIES = (
 
 
 class ControllerServicer(rpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, *, volumes: VolumeService, publish: PublishService, snapshots: SnapshotService) -> None:
+    def __init__(self, *, volumes: VolumeService, publish: PublishService, snapshots: SnapshotService,
+                 groups: GroupService) -> None:
         self._volumes = volumes
         self._publish = publish
         self._snapshots = snapshots
+        self._groups = groups
 
     def ControllerGetCapabilities(self, request: pb.ControllerGetCapabilitiesRequest,
                                   context: grpc.ServicerContext) -> pb.ControllerGetCapabilitiesResponse:
@@ -133,10 +136,11 @@ class ControllerServicer(rpc.ControllerServicer):  # type: ignore[misc]
         return pb.ControllerModifyVolumeResponse()
 
     # -- snapshots ----------------------------------------------------------------
-    def _snapshot(self, snap: VirtualVolume) -> pb.Snapshot:
+    def _snapshot(self, snap: VirtualVolume, groups: dict[str, str] | None = None) -> pb.Snapshot:
         prog = self._snapshots.progress(snap)
+        group = (self._groups.groups_of() if groups is None else groups).get(snap.id, "")
         out = pb.Snapshot(size_bytes=snap.size, snapshot_id=snap.id, source_volume_id=snap.source_volume,
-                          ready_to_use=prog.ready)
+                          ready_to_use=prog.ready, group_snapshot_id=group)
         out.creation_time.FromNanoseconds(int(snap.created_at * 1e9))
         return out
 
@@ -147,14 +151,15 @@ class ControllerServicer(rpc.ControllerServicer):  # type: ignore[misc]
         return pb.CreateSnapshotResponse(snapshot=self._snapshot(snap))
 
     def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext) -> pb.DeleteSnapshotResponse:
-        self._snapshots.delete_snapshot(C.require(request.snapshot_id, "snapshot_id"))
+        self._groups.delete_snapshot(C.require(request.snapshot_id, "snapshot_id"))
         return pb.DeleteSnapshotResponse()
 
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
         page = self._snapshots.page(snapshot_id=request.snapshot_id, source_volume_id=request.source_volume_id,
                                     after=request.starting_token, limit=request.max_entries)
+        groups = self._groups.groups_of()
         return pb.ListSnapshotsResponse(next_token=page.next_token, entries=[
-            pb.ListSnapshotsResponse.Entry(snapshot=self._snapshot(s)) for s in page.volumes])
+            pb.ListSnapshotsResponse.Entry(snapshot=self._snapshot(s, groups)) for s in page.volumes])
 
     def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.GetSnapshotResponse:
         snap = self._snapshots.get(C.require(request.snapshot_id, "snapshot_id"))

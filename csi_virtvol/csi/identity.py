@@ -13,10 +13,12 @@ Cap = pb.PluginCapability
 
 
 class IdentityServicer(rpc.IdentityServicer):  # type: ignore[misc]
-    def __init__(self, *, controller: bool, ready: Callable[[], bool], snapshot_metadata: bool = False) -> None:
+    def __init__(self, *, controller: bool, ready: Callable[[], bool], snapshot_metadata: bool = False,
+                 group_controller: bool = False) -> None:
         self._controller = controller
         self._ready = ready
         self._snapshot_metadata = snapshot_metadata
+        self._group_controller = group_controller
 
     def GetPluginInfo(self, request: pb.GetPluginInfoRequest, context: grpc.ServicerContext) -> pb.GetPluginInfoResponse:
         return pb.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=VERSION,
@@ -30,6 +32,8 @@ class IdentityServicer(rpc.IdentityServicer):  # type: ignore[misc]
                      Cap(service=Cap.Service(type=Cap.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS))]
         if self._snapshot_metadata:
             caps.append(Cap(service=Cap.Service(type=Cap.Service.SNAPSHOT_METADATA_SERVICE)))
+        if self._group_controller:
+            caps.append(Cap(service=Cap.Service(type=Cap.Service.GROUP_CONTROLLER_SERVICE)))
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:

@@ -38,12 +38,15 @@ def listen_address(endpoint: str) -> str:
 def build_server(*, endpoint: str, identity: rpc.IdentityServicer, controller: rpc.ControllerServicer | None,
                  node: rpc.NodeServicer | None, pairs: vrpc.PairsServicer | None = None,
                  snapshot_metadata: rpc.SnapshotMetadataServicer | None = None,
+                 group_controller: rpc.GroupControllerServicer | None = None,
                  workers: int = 16) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi"),
                          interceptors=[ErrorInterceptor()])
     rpc.add_IdentityServicer_to_server(identity, server)
     if controller is not None:
         rpc.add_ControllerServicer_to_server(controller, server)
+    if group_controller is not None:
+        rpc.add_GroupControllerServicer_to_server(group_controller, server)
     if node is not None:
         rpc.add_NodeServicer_to_server(node, server)
     if pairs is not None:

@@ -11,6 +11,8 @@ luns       PhysicalVolume  array, id, size, address, origin / state, volume
 volumes    VirtualVolume   name, size, kind, extents, ... / state, role, ...
 pairs      VolumePair      source, targets / state, progress, methods, targets
 nodes      VirtvolNode     id, topology, maxVolumes, registeredAt / -
+groups     VirtvolGroup-   name, sources, members, parameters, createdAt /
+           Snapshot        state, cutAt
 =========  ==============  ==========================================
 
 (* kept as the administrator wrote them: an ArrayInfo record is the driver's
@@ -199,6 +201,12 @@ def _node_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
              "registeredAt": rec["registered_at"], "initiator": rec.get("initiator", "")}, {})
 
 
+def _group_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
+    return ({"name": rec["name"], "sources": rec["sources"], "members": rec["members"],
+             "parameters": rec["parameters"], "createdAt": rec["created_at"]},
+            {"state": rec["state"], "cutAt": rec["cut_at"]})
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Kind:
     kind: str
@@ -215,6 +223,7 @@ KINDS: dict[str, Kind] = {
                     finalizer=lambda rec: rec.get("role", "none") != "none"),
     "pairs": Kind(kind="VolumePair", plural="volumepairs", body=_pair_body),
     "nodes": Kind(kind="VirtvolNode", plural="virtvolnodes", body=_node_body),
+    "groups": Kind(kind="VirtvolGroupSnapshot", plural="virtvolgroupsnapshots", body=_group_body),
 }
 
 

@@ -84,6 +84,7 @@ class SnapshotService:
         self._workers: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._guard = threading.Lock()
         self._changed = threading.Condition()  # notified when a copy ends, so waiters answer at once
+        self._pending: Callable[[str], bool] = lambda vid: False  # set by services.groups
         volumes.set_cloner(self.create_from_source, self.busy_reason, self._discard_locked)
 
     # -- queries -----------------------------------------------------------
@@ -154,9 +155,8 @@ class SnapshotService:
                 source = self._volumes.get(source_volume_id)
                 if source.state is not VolumeState.AVAILABLE:
                     raise errors.PreconditionFailed(f"volume {source_volume_id} is {source.state.value}")
-                requested = [a.strip() for a in parameters.get("arrays", "").split(",") if a.strip()]
                 self._begin(target_id=sid, name=name, source=source, kind=VolumeKind.SNAPSHOT,
-                            size=source.size, requested=requested, parameters=dict(parameters))
+                            size=source.size, requested=_arrays(parameters), parameters=dict(parameters))
         snap = self._await(sid)
         return snap, self.progress(snap)
 
@@ -227,7 +227,7 @@ class SnapshotService:
 
     def _begin(self, *, target_id: VolumeId, name: str, source: VirtualVolume, kind: VolumeKind, size: int,
                requested: list[str], parameters: dict[str, str], mutable: dict[str, str] | None = None,
-               content_source: str = "") -> None:
+               content_source: str = "", cut_later: bool = False) -> None:
         topo = TopologyFilter([source.topology]) if source.topology else None
         infos = self._arrays.select(names=requested, topology_ok=topo)
         if not infos:
@@ -272,6 +272,8 @@ class SnapshotService:
         log.info("%s %s: copying %s (%s) by %s", kind.value, target_id, source.id, source.name, how)
         self._events.emit(parameters=parameters, reason="CopyStarted",
                           message=f"copying {source.kind.value} {source.id} into {target_id}: {how}")
+        if cut_later:
+            return
         try:
             self._cut(pair.id)
         except errors.VirtvolError as e:
@@ -295,19 +297,24 @@ class SnapshotService:
 
     # -- the cut: fence the source, make the target LUNs -------------------
     def _cut(self, pair_id: str) -> None:
+        if self._hold(pair_id):
+            self._take(pair_id)
+
+    def _hold(self, pair_id: str, *, always: bool = False) -> bool:
+        """Ask for the source to be kept still; False when the image was already cut.
+        `always`: hold even a source whose image alone would be atomic (a group's member)."""
         rec = self._store.get(S.PAIRS, pair_id)
         if rec is None or rec.value.cut_at:
-            return
+            return False
         pair = rec.value
         source = self._volumes.get(pair.source, kind=self._kind_of(pair.source))
-        target = self._store_volume(pair.targets[0].volume)
         host_copies = any(e.method is not CopyMethod.INTERNAL for e in pair.targets[0].extents)
         attached = source.attachments
         if source.kind is VolumeKind.SNAPSHOT:
             fence = Fence.NONE  # snapshots never change
         elif not attached:
             fence = Fence.PROHIBITED
-        elif len(source.extents) == 1 and not host_copies:
+        elif len(source.extents) == 1 and not host_copies and not always:
             fence = Fence.NONE  # one reflink clone is atomic: no need to hold writes
         else:
             fence = Fence.FREEZE_REQUESTED
@@ -318,8 +325,15 @@ class SnapshotService:
             if self._store_volume(source.id).attachments:
                 self._set_lun_states(source, LunState.IN_USE)
                 raise errors.OperationPending(f"volume {source.id} was published meanwhile; try again")
-        elif fence is Fence.FREEZE_REQUESTED:
+        return True
+
+    def _take(self, pair_id: str) -> None:
+        """Once the source is held: make the target LUNs and mark the instant."""
+        pair = self._update_pair(pair_id, lambda p: p)
+        if pair.fence in (Fence.FREEZE_REQUESTED, Fence.REFUSED):
             self._wait_frozen(pair_id)
+        source = self._volumes.get(pair.source, kind=self._kind_of(pair.source))
+        target = self._store_volume(pair.targets[0].volume)
         failpoints.hit("copy-fenced")
         self._make_luns(source, target)
         tracking.start(self._arrays, pair)  # from the cut on, for a differential resync
@@ -434,6 +448,8 @@ class SnapshotService:
     def _ensure_worker(self, vid: str) -> None:
         if not self._is_leader():
             return  # the elected controller's reconcile loop runs it
+        if self._pending(vid):
+            return  # a member of a group still being cut: the group cuts and starts it
         with self._guard:
             w = self._workers.get(vid)
             if w is not None and w[0].is_alive():
@@ -735,6 +751,47 @@ class SnapshotService:
         with self._locks.hold(vid):
             self._discard(vid)
 
+    # -- members of a group snapshot (services/groups.py holds and cuts them together) --
+    def set_group_guard(self, pending: Callable[[str], bool]) -> None:
+        """`pending(vid)`: vid belongs to a group still being cut, so no worker may cut it alone."""
+        self._pending = pending
+
+    def record_member(self, *, snapshot_id: VolumeId, name: str, source: VirtualVolume,
+                      parameters: Mapping[str, str]) -> None:
+        """Record a snapshot's target and pair, planned as CreateSnapshot plans it, but not cut."""
+        P.check_keys(parameters, SNAPSHOT_KEYS, what="group snapshot parameter")
+        self._begin(target_id=snapshot_id, name=name, source=source, kind=VolumeKind.SNAPSHOT,
+                    size=source.size, requested=_arrays(parameters), parameters=dict(parameters),
+                    cut_later=True)
+
+    def hold_member(self, snapshot_id: str) -> None:
+        """Ask for the member's source to be held (even where its image alone would be atomic)."""
+        self._hold(snapshot_id, always=True)
+
+    def await_member(self, snapshot_id: str) -> None:
+        """Return once the member's source is held; raise if its node refused."""
+        if self._update_pair(snapshot_id, lambda p: p).fence in (Fence.FREEZE_REQUESTED, Fence.REFUSED):
+            self._wait_frozen(snapshot_id)
+
+    def cut_member(self, snapshot_id: str) -> None:
+        """Make the member's target LUNs while its source is held, and mark the instant."""
+        self._take(snapshot_id)
+
+    def start_member(self, snapshot_id: str) -> None:
+        """Run the member's copies; its source is let go when they end."""
+        self._ensure_worker(snapshot_id)
+
+    def discard_member(self, snapshot_id: str) -> None:
+        """Undo a member entirely: copies, fence, LUNs, records."""
+        self._discard(snapshot_id)
+
+    def failure(self, snapshot_id: str) -> str:
+        """Why the member's copy failed ("" unless it did)."""
+        rec = self._store.get(S.PAIRS, snapshot_id)
+        if rec is None or rec.value.state is not PairState.FAILED:
+            return ""
+        return rec.value.targets[0].reason or "failed"
+
     # -- start-up ---------------------------------------------------------
     def resume(self, *, orphan_age: float = ORPHAN_AGE) -> None:
         """After a restart: finish every copy in flight; drop targets whose pair was never written."""
@@ -771,6 +828,10 @@ class SnapshotService:
             if w is not None:
                 w[1].set()
                 w[0].join(timeout=30)
+
+
+def _arrays(parameters: Mapping[str, str]) -> list[str]:
+    return [a.strip() for a in parameters.get("arrays", "").split(",") if a.strip()]
 
 
 def _head(vol: VirtualVolume, size: int) -> VirtualVolume:

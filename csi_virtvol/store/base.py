@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from csi_virtvol.model.array import ArrayInfo, Lun
+from csi_virtvol.model.group import GroupSnapshot
 from csi_virtvol.model.ids import Revision
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.pair import Pair
@@ -61,8 +62,9 @@ PAIRS: Table[Pair] = Table(
     indexes={"source": lambda p: p.source},
 )
 NODES: Table[NodeInfo] = Table(name="nodes", type=NodeInfo, key=lambda n: n.id)
-ALL_TABLES: tuple[Table[ArrayInfo] | Table[Lun] | Table[VirtualVolume] | Table[Pair] | Table[NodeInfo], ...] = (
-    ARRAYS, LUNS, VOLUMES, PAIRS, NODES)
+GROUPS: Table[GroupSnapshot] = Table(name="groups", type=GroupSnapshot, key=lambda g: g.id)
+ALL_TABLES: tuple[Table[ArrayInfo] | Table[Lun] | Table[VirtualVolume] | Table[Pair] | Table[NodeInfo]
+                  | Table[GroupSnapshot], ...] = (ARRAYS, LUNS, VOLUMES, PAIRS, NODES, GROUPS)
 
 
 class StateStore(Protocol):

@@ -243,3 +243,100 @@ def test_operations_on_one_volume_do_not_interleave(plugin: Plugin) -> None:
     for t in threads:
         t.join()
     assert set(results) <= {Code.OK, Code.ABORTED} and Code.OK in results
+
+
+# -- GroupController (VolumeGroupSnapshot) ---------------------------------------------
+
+def _group_req(name: str, sources: list[str], **params: str) -> pb.CreateVolumeGroupSnapshotRequest:
+    return pb.CreateVolumeGroupSnapshotRequest(name=name, source_volume_ids=sources, parameters=params)
+
+
+def _ready_group(p: Plugin, req: pb.CreateVolumeGroupSnapshotRequest) -> pb.VolumeGroupSnapshot:
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        g = p.groups.CreateVolumeGroupSnapshot(req).group_snapshot
+        if g.ready_to_use or time.monotonic() > deadline:
+            return g
+        time.sleep(0.3)
+
+
+def test_group_controller_is_advertised_and_served(plugin: Plugin) -> None:
+    caps = plugin.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+    assert pb.PluginCapability.Service.GROUP_CONTROLLER_SERVICE in {
+        c.service.type for c in caps if c.HasField("service")}
+    gcaps = plugin.groups.GroupControllerGetCapabilities(pb.GroupControllerGetCapabilitiesRequest()).capabilities
+    assert [c.rpc.type for c in gcaps] == [pb.GroupControllerServiceCapability.RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT]
+
+
+def test_create_volume_group_snapshot_rejects(plugin: Plugin) -> None:
+    a, b = new_volume(plugin), new_volume(plugin)
+    c = plugin.groups.CreateVolumeGroupSnapshot
+    expect(plugin, Code.INVALID_ARGUMENT, c, _group_req("", [a, b]))
+    expect(plugin, Code.INVALID_ARGUMENT, c, _group_req(unique("g"), []))
+    expect(plugin, Code.INVALID_ARGUMENT, c, _group_req(unique("g"), [a, ""]))
+    expect(plugin, Code.INVALID_ARGUMENT, c, _group_req(unique("g"), [a, a]))
+    expect(plugin, Code.INVALID_ARGUMENT, c, _group_req(unique("g"), [a, b], colour="blue"))
+    expect(plugin, Code.INVALID_ARGUMENT, c, _group_req(unique("g"), [a, b], arrays="no-such-array"))
+    # the second member is missing: the first one's snapshot must not be left behind
+    expect(plugin, Code.NOT_FOUND, c, _group_req(unique("g"), [a, "vv-does-not-exist"]))
+
+
+def test_create_volume_group_snapshot_is_idempotent_by_name(plugin: Plugin) -> None:
+    a, b, other = new_volume(plugin), new_volume(plugin), new_volume(plugin)
+    name = unique("g")
+    first = _ready_group(plugin, _group_req(name, [a, b]))
+    assert first.ready_to_use and first.group_snapshot_id
+    assert sorted(s.source_volume_id for s in first.snapshots) == sorted([a, b])
+    assert all(s.group_snapshot_id == first.group_snapshot_id and s.ready_to_use for s in first.snapshots)
+    again = plugin.groups.CreateVolumeGroupSnapshot(_group_req(name, [b, a])).group_snapshot
+    assert again.group_snapshot_id == first.group_snapshot_id
+    assert sorted(s.snapshot_id for s in again.snapshots) == sorted(s.snapshot_id for s in first.snapshots)
+    expect(plugin, Code.ALREADY_EXISTS, plugin.groups.CreateVolumeGroupSnapshot, _group_req(name, [a, other]))
+    expect(plugin, Code.ALREADY_EXISTS, plugin.groups.CreateVolumeGroupSnapshot, _group_req(name, [a]))
+    # each member is an ordinary snapshot too, that names its group and goes only with it
+    for s in first.snapshots:
+        got = plugin.controller.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=s.snapshot_id)).snapshot
+        assert got.source_volume_id == s.source_volume_id and got.ready_to_use
+        assert got.group_snapshot_id == first.group_snapshot_id
+        listed = plugin.controller.ListSnapshots(pb.ListSnapshotsRequest(source_volume_id=s.source_volume_id))
+        assert [e.snapshot.group_snapshot_id for e in listed.entries] == [first.group_snapshot_id]
+        expect(plugin, Code.FAILED_PRECONDITION, plugin.controller.DeleteSnapshot,
+               pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
+
+
+def test_get_volume_group_snapshot(plugin: Plugin) -> None:
+    a, b = new_volume(plugin), new_volume(plugin)
+    g = _ready_group(plugin, _group_req(unique("g"), [a, b]))
+    ids = [s.snapshot_id for s in g.snapshots]
+    get = plugin.groups.GetVolumeGroupSnapshot
+    R = pb.GetVolumeGroupSnapshotRequest
+    expect(plugin, Code.INVALID_ARGUMENT, get, R(snapshot_ids=ids))
+    expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id=g.group_snapshot_id))
+    expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id="vg-does-not-exist"))  # snapshot_ids is REQUIRED
+    expect(plugin, Code.NOT_FOUND, get, R(group_snapshot_id="vg-does-not-exist", snapshot_ids=ids))
+    expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids[:1]))
+    expect(plugin, Code.INVALID_ARGUMENT, get, R(group_snapshot_id=g.group_snapshot_id,
+                                                 snapshot_ids=ids[:1] + ["vs-foreign"]))
+    got = get(R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids[::-1])).group_snapshot
+    assert got == g
+
+
+def test_delete_volume_group_snapshot(plugin: Plugin) -> None:
+    a, b = new_volume(plugin), new_volume(plugin)
+    before = plugin.footprint()
+    g = _ready_group(plugin, _group_req(unique("g"), [a, b]))
+    ids = [s.snapshot_id for s in g.snapshots]
+    d = plugin.groups.DeleteVolumeGroupSnapshot
+    R = pb.DeleteVolumeGroupSnapshotRequest
+    expect(plugin, Code.INVALID_ARGUMENT, d, R(snapshot_ids=ids))
+    expect(plugin, Code.INVALID_ARGUMENT, d, R(group_snapshot_id=g.group_snapshot_id))
+    expect(plugin, Code.INVALID_ARGUMENT, d, R(group_snapshot_id="vg-never-was"))  # snapshot_ids is REQUIRED
+    expect(plugin, Code.INVALID_ARGUMENT, d, R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids[:1]))
+    d(R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids))
+    assert plugin.footprint() == before, "deleting the group left a member behind"
+    for sid in ids:
+        expect(plugin, Code.NOT_FOUND, plugin.controller.GetSnapshot, pb.GetSnapshotRequest(snapshot_id=sid))
+    d(R(group_snapshot_id=g.group_snapshot_id, snapshot_ids=ids))  # deleting what is gone succeeds
+    d(R(group_snapshot_id="vg-never-was", snapshot_ids=["vs-x"]))

@@ -17,12 +17,13 @@ import pytest
 
 from csi_virtvol import errors
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, Lun, LunOrigin, LunState
-from csi_virtvol.model.ids import ArrayId, LunId, NodeId, PairId, Revision, VolumeId
+from csi_virtvol.model.group import GroupSnapshot, GroupState
+from csi_virtvol.model.ids import ArrayId, GroupSnapshotId, LunId, NodeId, PairId, Revision, VolumeId
 from csi_virtvol.model.pair import CopyMethod, ExtentCopy, ExtentCopyState, Pair, PairState, PairTarget
 from csi_virtvol.model.volume import (
     Attachment, CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState, volume_address,
 )
-from csi_virtvol.store.base import ARRAYS, LUNS, PAIRS, VOLUMES, Change, StateStore, Table
+from csi_virtvol.store.base import ARRAYS, GROUPS, LUNS, PAIRS, VOLUMES, Change, StateStore, Table
 
 from stores import STORE_FACTORIES
 
@@ -99,6 +100,14 @@ def pair(ident: str, *, source: str) -> Pair:
     )
 
 
+def group(ident: str, *, state: GroupState = GroupState.CUT) -> GroupSnapshot:
+    return GroupSnapshot(
+        id=GroupSnapshotId(ident), name=f"vgs-{ident}", sources=(VolumeId("v2"), VolumeId("v1")),
+        members=(VolumeId(f"{ident}-s2"), VolumeId(f"{ident}-s1")), state=state,
+        parameters={"arrays": "gold"}, created_at=1718000003.5,
+        cut_at=1718000004.25 if state is GroupState.CUT else 0.0)
+
+
 ROUND_TRIP: list[tuple[str, Table[Any], Any]] = [
     ("array", ARRAYS, array("gold")),
     ("array-no-abilities", ARRAYS, array("bare", probed=Ability.NONE, abilities=Ability.NONE,
@@ -110,6 +119,8 @@ ROUND_TRIP: list[tuple[str, Table[Any], Any]] = [
     ("snapshot", VOLUMES, volume("s1", kind=VolumeKind.SNAPSHOT, source="v1", attachments=(),
                                  role=CopyRole.COPY)),
     ("pair", PAIRS, pair("p1", source="v1")),
+    ("group", GROUPS, group("g1")),
+    ("group-cutting", GROUPS, group("g2", state=GroupState.CUTTING)),
 ]
 
 
@@ -131,8 +142,10 @@ def test_round_trip(store: StateStore, table: Table[Any], record: Any) -> None:
 def test_tables_are_separate(store: StateStore) -> None:
     store.create(ARRAYS, array("x"))
     store.create(VOLUMES, volume("x"))
+    store.create(GROUPS, group("x"))
     assert [v.value.id for v in store.list(ARRAYS)] == ["x"]
     assert [v.value.id for v in store.list(VOLUMES)] == ["x"]
+    assert [v.value.id for v in store.list(GROUPS)] == ["x"]
     assert store.list(LUNS) == [] and store.list(PAIRS) == []
     store.delete(ARRAYS, "x")
     assert store.get(VOLUMES, "x") is not None
@@ -146,6 +159,18 @@ def test_update_replaces_and_changes_revision(store: StateStore) -> None:
     assert rev2 != rev1
     got = store.get(VOLUMES, "v1")
     assert got is not None and got.value == changed and got.revision == rev2
+
+
+def test_group_moves_from_cutting_to_cut_and_is_deleted(store: StateStore) -> None:
+    rev = store.create(GROUPS, group("g1", state=GroupState.CUTTING))
+    cut = group("g1")
+    rev2 = store.update(GROUPS, cut, revision=rev)
+    with pytest.raises(errors.Conflict):
+        store.update(GROUPS, cut, revision=rev)
+    got = store.get(GROUPS, "g1")
+    assert got is not None and got.value == cut and got.revision == rev2
+    store.delete(GROUPS, "g1")
+    assert store.get(GROUPS, "g1") is None and store.list(GROUPS) == []
 
 
 def test_double_create_conflicts(store: StateStore) -> None:

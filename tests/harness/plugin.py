@@ -32,6 +32,7 @@ class Plugin:
     identity: rpc.IdentityStub
     controller: rpc.ControllerStub
     node: rpc.NodeStub
+    groups: rpc.GroupControllerStub
 
     def lun_files(self) -> list[str]:
         out = []
@@ -43,7 +44,7 @@ class Plugin:
 
     def records(self) -> dict[str, int]:
         with SqliteStore(str(self.data_dir / "state.db"), readonly=True) as st:
-            return {t.name: len(st.list(t)) for t in (S.VOLUMES, S.LUNS, S.PAIRS)}
+            return {t.name: len(st.list(t)) for t in (S.VOLUMES, S.LUNS, S.PAIRS, S.GROUPS)}
 
     def footprint(self) -> tuple[list[str], dict[str, int]]:
         """Everything a failed request must leave unchanged."""
@@ -126,7 +127,7 @@ def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str
     try:
         yield Plugin(endpoint=endpoint, data_dir=data, pools={a: p for a, p, _, _ in pools}, channel=channel,
                      identity=rpc.IdentityStub(channel), controller=rpc.ControllerStub(channel),
-                     node=rpc.NodeStub(channel))
+                     node=rpc.NodeStub(channel), groups=rpc.GroupControllerStub(channel))
     finally:
         channel.close()
         stop.set()

@@ -88,7 +88,7 @@ def test_delete_frees_every_lun_and_deleting_again_succeeds(plugin: Plugin) -> N
     assert len(plugin.lun_files()) == 2
     plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
     assert plugin.lun_files() == []
-    assert plugin.records() == {"volumes": 0, "luns": 0, "pairs": 0}
+    assert plugin.records() == {"volumes": 0, "luns": 0, "pairs": 0, "groups": 0}
     plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
 
 

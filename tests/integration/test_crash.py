@@ -29,6 +29,13 @@ POINTS = ["copy-recorded-volume", "copy-recorded-pair", "copy-fenced", "copy-lun
 
 @contextmanager
 def served(data: Path, config: Path, *, failpoint: str = "") -> Iterator[tuple[subprocess.Popen[bytes], rpc.ControllerStub]]:
+    with serving(data, config, failpoint=failpoint) as (proc, channel):
+        yield proc, rpc.ControllerStub(channel)
+
+
+@contextmanager
+def serving(data: Path, config: Path, *, failpoint: str = "") -> Iterator[tuple[subprocess.Popen[bytes], grpc.Channel]]:
+    """The plugin as its own process (so a failpoint can kill it), and a channel to it."""
     sock = f"/tmp/virtvol-crash-{uuid.uuid4().hex[:8]}.sock"
     env = dict(os.environ, VIRTVOL_FAILPOINTS=failpoint)
     log = open(data / "serve.log", "ab")
@@ -38,13 +45,15 @@ def served(data: Path, config: Path, *, failpoint: str = "") -> Iterator[tuple[s
     channel = grpc.insecure_channel(f"unix://{sock}")
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
-        yield proc, rpc.ControllerStub(channel)
+        yield proc, channel
     finally:
         channel.close()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         log.close()
+        if os.path.exists(sock):  # a killed plugin leaves its socket file behind
+            os.unlink(sock)
 
 
 def content(data: Path, pools: dict[str, Path], vid: str) -> bytes:

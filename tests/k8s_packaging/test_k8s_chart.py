@@ -342,3 +342,58 @@ def test_controller_rbac_covers_copy_events(default_docs: list[Doc]) -> None:
     needs = [("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
              ("", "persistentvolumeclaims", "get"), ("snapshot.storage.k8s.io", "volumesnapshots", "get")]
     assert [n for n in needs if not allowed(r, *n)] == []
+
+
+# ---- VolumeGroupSnapshot ------------------------------------------------------
+
+GS = "groupsnapshot.storage.k8s.io"
+GATE = "--feature-gates=CSIVolumeGroupSnapshot=true"
+
+
+@pytest.mark.parametrize("opts,api", [
+    ([], ""),  # helm template sees no cluster: auto makes nothing
+    (["--api-versions", f"{GS}/v1beta1"], f"{GS}/v1beta1"),
+    (["--api-versions", f"{GS}/v1beta1", "--api-versions", f"{GS}/v1beta2"], f"{GS}/v1beta2"),
+    (["--api-versions", f"{GS}/v1beta2", "--api-versions", f"{GS}/v1"], f"{GS}/v1"),
+    (["--set", "volumeGroupSnapshotClass.create=true"], f"{GS}/v1"),
+    (["--set", "volumeGroupSnapshotClass.create=true", "--set", f"volumeGroupSnapshotClass.apiVersion={GS}/v1beta2"],
+     f"{GS}/v1beta2"),
+    (["--set", "volumeGroupSnapshotClass.create=false", "--api-versions", f"{GS}/v1"], ""),
+], ids=["template", "v1beta1", "v1beta2", "v1", "forced", "forced-version", "off"])
+def test_volume_group_snapshot_class_follows_the_served_api(render: Callable[..., str], all_crds: dict[Any, Doc],
+                                                           opts: list[str], api: str) -> None:
+    docs = load_docs(render(*opts))
+    classes = by_kind(docs, "VolumeGroupSnapshotClass")
+    deploy = one(docs, "Deployment")
+    args = containers(deploy["spec"]["template"]["spec"])["csi-snapshotter"]["args"]
+    if not api:
+        assert classes == [] and GATE not in args
+        return
+    assert len(classes) == 1 and GATE in args, "the class and the sidecar's feature gate go together"
+    vgsc = classes[0]
+    assert vgsc["apiVersion"] == api and vgsc["driver"] == GROUP and vgsc["deletionPolicy"] == "Delete"
+    assert crdschema.validate(all_crds[(GS, "VolumeGroupSnapshotClass")], vgsc) == []
+
+
+def test_volume_group_snapshot_class_options(render: Callable[..., str], helm: Callable[..., Any]) -> None:
+    docs = load_docs(render("--set", "volumeGroupSnapshotClass.create=true", "--set",
+                            "volumeGroupSnapshotClass.isDefault=true", "--set",
+                            "volumeGroupSnapshotClass.parameters.arrays=pool-b", "--set",
+                            "volumeGroupSnapshotClass.deletionPolicy=Retain"))
+    vgsc = one(docs, "VolumeGroupSnapshotClass")
+    assert vgsc["metadata"]["annotations"] == {"groupsnapshot.storage.kubernetes.io/is-default-class": "true"}
+    assert vgsc["parameters"] == {"arrays": "pool-b"} and vgsc["deletionPolicy"] == "Retain"
+    bad = helm("template", "x", str(CHART), "--set", "volumeGroupSnapshotClass.create=maybe", check=False)
+    assert bad.returncode != 0 and "volumeGroupSnapshotClass" in bad.stderr
+
+
+def test_snapshotter_rbac_covers_group_snapshot_objects(default_docs: list[Doc]) -> None:
+    """As external-snapshotter's deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml grants them."""
+    r = rules_for(default_docs, "csi-virtvol-controller")
+    needs = [(GS, "volumegroupsnapshotclasses", v) for v in ("get", "list", "watch")]
+    needs += [(GS, "volumegroupsnapshotcontents", v) for v in ("get", "list", "watch", "update", "patch")]
+    needs += [(GS, "volumegroupsnapshotcontents/status", v) for v in ("update", "patch")]
+    assert [n for n in needs if not allowed(r, *n)] == []
+    # the driver's own record of each group (the CRD state store)
+    assert all(allowed(r, GROUP, "virtvolgroupsnapshots", v) for v in ("get", "list", "watch", "create", "update",
+                                                                       "delete"))

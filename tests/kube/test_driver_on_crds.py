@@ -69,7 +69,7 @@ def kubelet(api: FakeApiServer, stop: threading.Event) -> None:
 
 @pytest.fixture
 def cluster(fake_api: FakeApiServer, xfs_mount: Path, ext4_mount: Path,
-            tmp_path: Path) -> Iterator[tuple[FakeApiServer, rpc.ControllerStub]]:
+            tmp_path: Path) -> Iterator[tuple[FakeApiServer, rpc.ControllerStub, grpc.Channel]]:
     tag = uuid.uuid4().hex[:8]
     cfg = tmp_path / "controller.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -91,7 +91,7 @@ def cluster(fake_api: FakeApiServer, xfs_mount: Path, ext4_mount: Path,
     channel = grpc.insecure_channel(f"unix://{sock}")
     grpc.channel_ready_future(channel).result(timeout=30)
     try:
-        yield fake_api, rpc.ControllerStub(channel)
+        yield fake_api, rpc.ControllerStub(channel), channel
     finally:
         channel.close()
         stop.set()
@@ -111,8 +111,8 @@ def _until(fn: Any, timeout: float = 90) -> Any:
         time.sleep(0.3)
 
 
-def test_volume_snapshot_and_clone_on_crds(cluster: tuple[FakeApiServer, rpc.ControllerStub]) -> None:
-    api, ctl = cluster
+def test_volume_snapshot_and_clone_on_crds(cluster: tuple[FakeApiServer, rpc.ControllerStub, grpc.Channel]) -> None:
+    api, ctl, _ = cluster
     cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(
         mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER), mount=pb.VolumeCapability.MountVolume())
     vol = ctl.CreateVolume(pb.CreateVolumeRequest(
@@ -160,3 +160,37 @@ def test_volume_snapshot_and_clone_on_crds(cluster: tuple[FakeApiServer, rpc.Con
     left = [o["metadata"]["name"] for o in api.objects(GROUP, "virtualvolumes")]
     assert left == [] and api.objects(GROUP, "volumepairs") == [] and api.objects(GROUP, "physicalvolumes") == []
     print(json.dumps(vp["status"], indent=1)[:400])
+
+
+def test_group_snapshot_on_crds(cluster: tuple[FakeApiServer, rpc.ControllerStub, grpc.Channel]) -> None:
+    """A VolumeGroupSnapshot of a volume on each array: one VirtvolGroupSnapshot object, a
+    VolumePair per member, the host-copied member by a copy Job; deleting the group removes all."""
+    api, ctl, channel = cluster
+    groups = rpc.GroupControllerStub(channel)
+    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(
+        mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER), mount=pb.VolumeCapability.MountVolume())
+    vids = [ctl.CreateVolume(pb.CreateVolumeRequest(
+        name=f"pvc-{a}", capacity_range=pb.CapacityRange(required_bytes=32 * MiB), volume_capabilities=[cap],
+        parameters={"arrays": a})).volume.volume_id for a in ("fast", "slow")]
+    req = pb.CreateVolumeGroupSnapshotRequest(name="vgs-1", source_volume_ids=vids)
+    deadline = time.monotonic() + 90
+    while True:
+        g = groups.CreateVolumeGroupSnapshot(req).group_snapshot
+        if g.ready_to_use or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert g.ready_to_use and sorted(s.source_volume_id for s in g.snapshots) == sorted(vids)
+    objs = api.objects(GROUP, "virtvolgroupsnapshots")
+    assert len(objs) == 1
+    assert objs[0]["spec"]["name"] == "vgs-1" and sorted(objs[0]["spec"]["sources"]) == sorted(vids)
+    assert objs[0]["status"]["state"] == "cut" and objs[0]["status"]["cutAt"] > 0
+    pairs = {p["spec"]["targets"][0]: p for p in api.objects(GROUP, "volumepairs")}
+    assert set(pairs) == {s.snapshot_id for s in g.snapshots}
+    assert all(p["status"]["state"] == "split" and p["status"]["fence"] == "released" for p in pairs.values())
+    assert len(api.objects("batch", "jobs", NS)) == 1, "the ext4 member is copied by one copy Job"
+    groups.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(
+        group_snapshot_id=g.group_snapshot_id, snapshot_ids=[s.snapshot_id for s in g.snapshots]))
+    assert api.objects(GROUP, "virtvolgroupsnapshots") == [] and api.objects(GROUP, "volumepairs") == []
+    for v in vids:
+        ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v))
+    assert api.objects(GROUP, "virtualvolumes") == [] and api.objects(GROUP, "physicalvolumes") == []

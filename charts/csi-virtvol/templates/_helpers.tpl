@@ -42,3 +42,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- $out | sortAlpha | toJson -}}
 {{- end -}}
+
+{{- /*
+The groupsnapshot.storage.k8s.io apiVersion of the VolumeGroupSnapshotClass, or ""
+when group snapshots are off (volumeGroupSnapshotClass.create false, or auto and
+the cluster serves none of v1, v1beta2, v1beta1).
+*/ -}}
+{{- define "csi-virtvol.groupSnapshotApiVersion" -}}
+{{- $g := .Values.volumeGroupSnapshotClass -}}
+{{- $mode := toString $g.create -}}
+{{- $found := "" -}}
+{{- range list "v1" "v1beta2" "v1beta1" -}}
+{{- $v := printf "groupsnapshot.storage.k8s.io/%s" . -}}
+{{- if and (not $found) ($.Capabilities.APIVersions.Has $v) -}}{{- $found = $v -}}{{- end -}}
+{{- end -}}
+{{- if eq $mode "true" -}}
+{{- $g.apiVersion | default $found | default "groupsnapshot.storage.k8s.io/v1" -}}
+{{- else if and (eq $mode "auto") $found -}}
+{{- $g.apiVersion | default $found -}}
+{{- end -}}
+{{- end -}}
