@@ -135,6 +135,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     pairs = None
     metadata = None
     core = None
+    parts: ClusterParts | None = None
     if config.mode.controller:
         config = configured_arrays(config, store)
         parts = cluster_parts(config) if config.store == "crd" else None
@@ -179,5 +180,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         t.join(timeout=10)
     if core is not None:
         core.snapshots.close()
+    if parts is not None:
+        parts.runner.close()  # its watches
     store.close()
     return 0

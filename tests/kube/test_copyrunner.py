@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from csi_virtvol.copy.runner import HostCopy
 from csi_virtvol.kube.copyrunner import JobCopyRunner, JobSettings
@@ -14,12 +18,55 @@ COPY = HostCopy(job="vs-1234-1", pair="vs-1234", index=1, node="", src="/pools/a
                 src_offset=0, dst="/pools/b/luns/vs-1234-1.img", dst_offset=4096, length=1 << 20, bwlimit=0)
 
 
-def _runner(client: Any) -> JobCopyRunner:
+def until(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """fn() once it is true (the runner reads a watch's cache: it lags a little)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def run_pod(api: FakeApiServer, job: dict[str, Any], suffix: str = "x") -> str:
+    """What the Job controller and kubelet do: a pod of this incarnation of the Job, running."""
+    name = f"{job['metadata']['name']}-{suffix}"
+    api.put("", "pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "namespace": NS, "labels": {**job["spec"]["template"]["metadata"]["labels"],
+                                                   "batch.kubernetes.io/job-name": job["metadata"]["name"],
+                                                   "batch.kubernetes.io/controller-uid": job["metadata"]["uid"]}},
+        "spec": {"containers": [{"name": "copy", "image": "i"}]},
+        "status": {"phase": "Running", "containerStatuses": [
+            {"name": "copy", "ready": True, "restartCount": 0, "image": "i", "imageID": "",
+             "state": {"running": {}}}]}}, NS)
+    return name
+
+
+def end_pod(api: FakeApiServer, pod: str, code: int, result: dict[str, Any] | None) -> None:
+    """The copy container exits with `code`; its termination message is the copy's closing event."""
+    api.set_status("", "pods", pod, {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [
+        {"name": "copy", "ready": False, "restartCount": 0, "image": "i", "imageID": "",
+         "state": {"terminated": {"exitCode": code, "message": json.dumps(result) if result else ""}}}]}, NS)
+
+
+_OPEN: list[JobCopyRunner] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_runners() -> Any:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def _runner(client: Any, **kw: Any) -> JobCopyRunner:
     settings = JobSettings.from_config(
         {"serviceAccountName": "csi-virtvol-copy", "hostDataDir": "/var/lib/csi-virtvol", "backoffLimit": 2,
          "resources": {"limits": {"cpu": "2", "memory": "512Mi"}}},
         namespace=NS, image="csi-virtvol:0.1.0", node="node-1")
-    return JobCopyRunner(JobRunner(client, namespace=NS), settings)
+    r = JobCopyRunner(JobRunner(client, namespace=NS, delays=(0.05, 0.1, 0.2)), settings, **kw)
+    _OPEN.append(r)
+    return r
 
 
 def test_a_step_becomes_a_pinned_job_and_is_followed_to_the_end(fake_api: FakeApiServer, client: Any) -> None:
@@ -43,16 +90,15 @@ def test_a_step_becomes_a_pinned_job_and_is_followed_to_the_end(fake_api: FakeAp
 
     st = runner.poll(COPY.job)
     assert st.running and not st.done
-    fake_api.put("", "pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {
-        "name": f"{name}-x", "namespace": NS, "labels": {"batch.kubernetes.io/job-name": name}},
-        "spec": {"containers": [{"name": "copy", "image": "i"}]}}, NS)
-    fake_api.set_pod_log(NS, f"{name}-x", json.dumps({"event": "progress", "bytes_done": 4096,
-                                                      "bytes_total": 1 << 20}) + "\n")
-    assert runner.poll(COPY.job).bytes_done == 4096
+    pod = run_pod(fake_api, job)
+    fake_api.set_pod_log(NS, pod, json.dumps({"event": "progress", "bytes_done": 4096,
+                                              "bytes_total": 1 << 20}) + "\n")
+    assert until(lambda: runner.poll(COPY.job).bytes_done == 4096)
+    end_pod(fake_api, pod, 0, {"event": "done", "length": 1 << 20, "bytes_written": 1 << 20})
     fake_api.set_status("batch", "jobs", name, {"succeeded": 1, "conditions": [
         {"type": "Complete", "status": "True"}]}, NS)
-    st = runner.poll(COPY.job)
-    assert st.done and not st.running
+    st = until(lambda: (s := runner.poll(COPY.job)).done and s)
+    assert st.done and not st.running and st.bytes_written == 1 << 20
     runner.cancel(COPY.job)
     assert fake_api.find("batch", "jobs", name, NS) is None
 
@@ -63,7 +109,7 @@ def test_a_failed_job_reports_why(fake_api: FakeApiServer, client: Any) -> None:
     name = copy_job_name("vs-1234", "vs-1234", 1)
     fake_api.set_status("batch", "jobs", name, {"failed": 3, "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "too many"}]}, NS)
-    st = runner.poll(COPY.job)
+    st = until(lambda: next((s for s in [runner.poll(COPY.job)] if not s.running), None))
     assert not st.done and not st.running and "BackoffLimitExceeded" in st.message
 
 
