@@ -92,14 +92,14 @@ class Lying(LocalCopyRunner):
         super().start(copy)
 
 
-def _source(c: Core) -> str:
+def _source(c: Core, *, data: int = 2 * MiB) -> str:
     cap = Capability(access_type=AccessType.MOUNT, access_mode=AccessMode.SINGLE_NODE_WRITER)
     vol = c.core.volumes.create(CreateVolume(name=f"src-{uuid.uuid4().hex[:6]}", required_bytes=320 * MiB,
                                              capabilities=(cap,)))
     for e in vol.extents:  # data on both arrays: the ext4 part is host-copied
         with open(c.pools[e.array] / "luns" / f"{e.lun}.img", "r+b") as f:
             f.seek(e.offset)
-            f.write(os.urandom(2 * MiB))
+            f.write(os.urandom(data))
     return str(vol.id)
 
 
@@ -166,3 +166,17 @@ def test_no_worker_starts_on_a_pair_being_undone(controller: tuple[Core, Lying],
     monkeypatch.undo()
     assert c.lun_files() == before, "the undo left LUNs behind"
     assert c.store.list(S.PAIRS) == []
+
+
+def test_resume_logs_only_what_it_starts(controller: tuple[Core, Lying], caplog: pytest.LogCaptureFixture) -> None:
+    """Item 7: `resuming copy ...` was logged by every reconcile pass (5 s) while the copy ran."""
+    c, _ = controller
+    src = _source(c, data=24 * MiB)
+    c.core.volumes.modify(src, mutable={"copyBandwidth": "8Mi"})
+    snap, _p = c.core.snapshots.create_snapshot(name="snap-log", source_volume_id=src, parameters={})
+    caplog.set_level("INFO", logger="csi_virtvol.services.snapshots")
+    assert snap.state.value == "copying"
+    for _ in range(3):
+        c.core.snapshots.resume()
+    assert [r for r in caplog.records if "resuming copy" in r.getMessage()] == []
+    _ready(c, "snap-log", src)
