@@ -38,7 +38,9 @@ VolumeSnapshot (snapshot.storage.k8s.io/v1, schemaless).  Built-in bodies are ch
 with kubernetes-validate's schemas when it is installed.
 
 Tests drive what controllers would do (a Job's status, a Pod's log) through
-the hooks at the bottom of `FakeApiServer`.
+the hooks at the bottom of `FakeApiServer`: also injected faults (`inject_fault`: a 5xx or 429
+answer, or a connection closed unanswered, e.g. on pods/log), a Job retried under the same name
+(`recreate_job`: a new uid, the old pods left), and pods/log's tailLines/limitBytes.
 """
 from __future__ import annotations
 
@@ -963,6 +965,10 @@ class FakeApiServer:
             self._faults.append(_Fault(method=method, path=re.compile(path), code=code, left=times, drop=drop,
                                        message=message or f"injected {code}: dial tcp 10.0.0.1:10250: "
                                                           "connect: connection refused"))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
 
     def faults_left(self) -> int:
         with self._lock:

@@ -146,7 +146,7 @@ def test_transient_api_errors_are_retried_never_a_failure(fake_api: FakeApiServe
     fake_api.inject_fault("GET", r"/pods/[^/]+/log$", code=503, times=100)
     st = runner.poll(COPY.job)
     assert st.running and not st.done, st
-    fake_api._faults.clear()
+    fake_api.clear_faults()
     end_pod(fake_api, pod, 0, {"event": "done", "length": 1 << 20, "bytes_written": 4096, "verified": True})
     fake_api.set_status("batch", "jobs", job["metadata"]["name"], {"succeeded": 1, "conditions": [
         {"type": "Complete", "status": "True"}]}, NS)
