@@ -157,6 +157,11 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         node_service = NodeService(config=config, store=store, locks=locks)
         node = NodeServicer(service=node_service)
         loops.append(("fences", node_service.fences.run))
+        if config.store == "crd":  # copy pods' checkpoints on this node (services/checkpoints.py)
+            from csi_virtvol.services import checkpoints
+            ckdir = os.path.join(str(config.copy_job.get("hostDataDir") or
+                                     os.path.dirname(config.data_dir.rstrip("/"))), "copy")
+            loops.append(("checkpoints", lambda stop: checkpoints.keep_swept(stop, store=store, directory=ckdir)))
     threads = [threading.Thread(target=loop, args=(background,), name=name, daemon=True) for name, loop in loops]
     for t in threads:
         t.start()

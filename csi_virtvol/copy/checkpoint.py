@@ -31,6 +31,18 @@ def identity(*, pair: str, target: str, cut_at: float, attempt: int = 0) -> str:
     return f"{base}#{attempt}" if attempt else base
 
 
+def parse(ident: str) -> tuple[str, float] | None:
+    """(pair, cut time) of an identity made by `identity`; None if it is not one."""
+    pair, sep, rest = ident.partition("/")
+    if not sep or not pair or "@" not in rest:
+        return None
+    cut = rest.rpartition("@")[2].partition("#")[0]
+    try:
+        return pair, float(cut)
+    except ValueError:
+        return None
+
+
 def resume_offset(data: Mapping[str, Any] | None, *, where: Mapping[str, Any], checkpoint_id: str,
                   path: str) -> int:
     """Where to resume, from the checkpoint `data` read from `path` (None: there is none).
@@ -67,4 +79,4 @@ def remove(path: str) -> None:
             log.warning("could not remove checkpoint %s: %s", p, e)
 
 
-__all__ = ["identity", "resume_offset", "remove", "KEY"]
+__all__ = ["identity", "parse", "resume_offset", "remove", "KEY"]

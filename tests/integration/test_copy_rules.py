@@ -180,3 +180,34 @@ def test_resume_logs_only_what_it_starts(controller: tuple[Core, Lying], caplog:
         c.core.snapshots.resume()
     assert [r for r in caplog.records if "resuming copy" in r.getMessage()] == []
     _ready(c, "snap-log", src)
+
+
+def test_the_node_sweeps_checkpoints_no_copy_will_resume(controller: tuple[Core, Lying], tmp_path: Path) -> None:
+    """Item 7: node progress files were never removed.  A checkpoint of a discarded pair, or of an
+    earlier cut, goes; one of the present cut stays (its copy resumes from it)."""
+    from csi_virtvol.copy import checkpoint
+    from csi_virtvol.services import checkpoints
+
+    c, _ = controller
+    src = _source(c)
+    sid = _ready(c, "snap-sweep", src)
+    pair = c.store.get(S.PAIRS, sid)
+    assert pair is not None
+    d = tmp_path / "copy"
+    d.mkdir()
+
+    def ck(name: str, pair_id: str, cut: float) -> Path:
+        p = d / f"{name}.json"
+        cli.write_progress_file(str(p), {"checkpoint_id": checkpoint.identity(
+            pair=pair_id, target="slow:x-1", cut_at=cut, attempt=1), "bytes_done": 4096})
+        return p
+
+    present = ck("present", sid, pair.value.cut_at)
+    earlier = ck("earlier", sid, pair.value.cut_at - 10)
+    gone = ck("gone", "vs-discarded", 1.0)
+    legacy = d / "legacy.json"
+    cli.write_progress_file(str(legacy), {"bytes_done": 1})
+    assert checkpoints.sweep(store=c.store, directory=str(d), grace=60) == []  # all too young
+    removed = checkpoints.sweep(store=c.store, directory=str(d), grace=0)
+    assert sorted(removed) == sorted([str(earlier), str(gone)])
+    assert present.exists() and legacy.exists() and not earlier.exists() and not gone.exists()
