@@ -141,6 +141,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     metadata = None
     group_controller = None
     core = None
+    parts: ClusterParts | None = None
     if config.mode.controller:
         config = configured_arrays(config, store)
         parts = cluster_parts(config) if config.store == "crd" else None
@@ -164,6 +165,11 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         node_service = NodeService(config=config, store=store, locks=locks)
         node = NodeServicer(service=node_service)
         loops.append(("fences", node_service.fences.run))
+        if config.store == "crd":  # copy pods' checkpoints on this node (services/checkpoints.py)
+            from csi_virtvol.services import checkpoints
+            ckdir = os.path.join(str(config.copy_job.get("hostDataDir") or
+                                     os.path.dirname(config.data_dir.rstrip("/"))), "copy")
+            loops.append(("checkpoints", lambda stop: checkpoints.keep_swept(stop, store=store, directory=ckdir)))
     threads = [threading.Thread(target=loop, args=(background,), name=name, daemon=True) for name, loop in loops]
     for t in threads:
         t.start()
@@ -188,5 +194,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         t.join(timeout=10)
     if core is not None:
         core.snapshots.close()
+    if parts is not None:
+        parts.runner.close()  # its watches
     store.close()
     return 0

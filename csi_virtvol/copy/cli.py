@@ -33,11 +33,12 @@ from types import FrameType
 from typing import Any, TextIO
 
 from csi_virtvol import errors
-from csi_virtvol.copy import engine
+from csi_virtvol.copy import checkpoint, engine
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
+VERIFY_METHOD = "blake2b-256"  # what --verify compares: each chunk of source and target re-read
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -90,6 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes per second, e.g. 100M")
     p.add_argument("--progress-file", default=None, metavar="F",
                    help="keep the last durable checkpoint in F (JSON)")
+    p.add_argument("--checkpoint-id", default="", metavar="ID",
+                   help="the identity of this attempt (target and cut): --resume-from auto "
+                        "resumes only from a checkpoint of the same identity")
+    p.add_argument("--result-file", default=None, metavar="F",
+                   help="also write the closing JSON event to F (a pod's /dev/termination-log)")
     p.add_argument("--progress", action="store_true",
                    help="report progress on stdout (bar on a TTY, else JSON lines)")
     p.add_argument("--chunk-size", type=parse_size, default=engine.DEFAULT_CHUNK)
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Reporter:
     def __init__(self, *, out: TextIO, enabled: bool, total: int, start: int,
-                 progress_file: str | None, ident: dict[str, Any]) -> None:
+                 progress_file: str | None, ident: dict[str, Any], result_file: str | None = None) -> None:
         self.out = out
         self.enabled = enabled
         self.tty = out.isatty()
@@ -124,6 +130,7 @@ class _Reporter:
         self.start = start
         self.progress_file = progress_file
         self.ident = ident
+        self.result_file = result_file
         self.t0 = time.monotonic()
 
     def checkpoint(self, done: int) -> None:
@@ -147,6 +154,12 @@ class _Reporter:
         self.out.flush()
 
     def finish(self, event: dict[str, Any]) -> None:
+        if self.result_file:  # small: a termination message holds at most 4 KiB
+            try:
+                with open(self.result_file, "w", encoding="utf-8") as f:
+                    json.dump(event, f)
+            except OSError as e:
+                logger.warning("could not write the result to %s: %s", self.result_file, e)
         if self.tty and self.enabled:
             self.out.write("\n")
         if self.tty:
@@ -191,9 +204,10 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     try:
         length = src.length if src.length is not None else \
             max(0, engine.path_size(src.path) - src.offset)
-        ident = {"src": src.path, "src_offset": src.offset, "dst": dst.path,
+        where = {"src": src.path, "src_offset": src.offset, "dst": dst.path,
                  "dst_offset": dst.offset, "length": length}
-        resume = _resume_offset(args.resume_from, args.progress_file, ident)
+        ident = {**where, checkpoint.KEY: args.checkpoint_id}
+        resume = _resume_offset(args.resume_from, args.progress_file, where, args.checkpoint_id)
     except ValueError as e:
         print(f"csi-virtvol copy: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -209,7 +223,7 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         checkpoint_seconds=(args.checkpoint_seconds if args.checkpoint_seconds is not None
                             else (0.5 if tty and args.progress else 2.0)))
     rep = _Reporter(out=out, enabled=args.progress, total=length, start=resume,
-                    progress_file=args.progress_file, ident=ident)
+                    progress_file=args.progress_file, ident=ident, result_file=args.result_file)
     cancel = threading.Event()
     got: list[int] = []
 
@@ -227,7 +241,10 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         rep.finish({"event": "cancelled", "bytes_done": e.bytes_done, "bytes_total": length})
         return 128 + (got[0] if got else signal.SIGTERM)
     except engine.VerifyMismatch as e:
-        rep.finish({"event": "error", "error": str(e), "offset": e.offset})
+        if args.progress_file:  # what the checkpoint promised is not on the target: never resume from it
+            checkpoint.remove(args.progress_file)
+        rep.finish({"event": "error", "error": str(e), "offset": e.offset, "mismatch": True,
+                    "verify": VERIFY_METHOD})
         return EXIT_MISMATCH
     except errors.VirtvolError as e:
         rep.finish({"event": "error", "error": str(e)})
@@ -235,27 +252,20 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    rep.finish({"event": "done", **asdict(res)})
+    if args.progress_file:  # finished: the checkpoint only served this copy
+        checkpoint.remove(args.progress_file)
+    rep.finish({"event": "done", **asdict(res), "checkpoint_id": args.checkpoint_id,
+                **({"verify": VERIFY_METHOD} if res.verified else {})})
     return EXIT_OK
 
 
-def _resume_offset(value: str, progress_file: str | None, ident: dict[str, Any]) -> int:
+def _resume_offset(value: str, progress_file: str | None, where: dict[str, Any], checkpoint_id: str) -> int:
     if value != "auto":
         return parse_size(value)
     if not progress_file:
         raise ValueError("--resume-from auto needs --progress-file")
-    data = read_progress_file(progress_file)
-    if data is None:
-        return 0
-    for k, v in ident.items():
-        if data.get(k) != v:
-            raise errors.InvalidRequest(
-                f"progress file {progress_file} is for another copy ({k}={data.get(k)!r}, "
-                f"not {v!r})")
-    done = data.get("bytes_done", 0)
-    if not isinstance(done, int) or done < 0:
-        raise errors.InvalidRequest(f"progress file {progress_file}: bad bytes_done {done!r}")
-    return done
+    return checkpoint.resume_offset(read_progress_file(progress_file), where=where,
+                                    checkpoint_id=checkpoint_id, path=progress_file)
 
 
 PARENT_ENV = "VIRTVOL_COPY_PARENT"

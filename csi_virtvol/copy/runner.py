@@ -14,10 +14,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from csi_virtvol import errors
-from csi_virtvol.copy.cli import PARENT_ENV
+from csi_virtvol.copy.cli import EXIT_MISMATCH, PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class HostCopy:
     bwlimit: int = 0
     only_changed: bool = False  # resync: write only what differs from the target
     checksums: bool = False     # keep a page-digest manifest of the target (snapshot targets only)
+    checkpoint_id: str = ""     # copy/checkpoint.py: resume only from this attempt's own checkpoint
+    verify: bool = False        # re-read source and target and compare them before reporting done
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +48,39 @@ class JobStatus:
     bytes_done: int
     message: str = ""
     bytes_written: int = -1  # when done: bytes really written (-1: not known)
+    result: Mapping[str, Any] | None = None  # the copy's closing JSON event, when it printed one
+    mismatch: bool = False   # the copy's own verification found the target differs (exit 3)
+
+
+def closing_event(text: str) -> dict[str, Any] | None:
+    """The copy's closing JSON event (done / error / cancelled) from its last output line."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return None
+    try:
+        ev = json.loads(lines[-1])
+    except ValueError:
+        return None
+    if not isinstance(ev, dict) or ev.get("event") not in ("done", "error", "cancelled"):
+        return None
+    return ev
+
+
+def copy_args(copy: HostCopy, *, progress_file: str, sums_file: str) -> list[str]:
+    """`csi-virtvol copy` arguments for one step (after the `copy` word)."""
+    argv = ["--src", f"{copy.src}:{copy.src_offset}:{copy.length}", "--dst", f"{copy.dst}:{copy.dst_offset}",
+            "--progress-file", progress_file, "--resume-from", "auto", "--progress"]
+    if copy.checkpoint_id:
+        argv += ["--checkpoint-id", copy.checkpoint_id]
+    if copy.verify:
+        argv.append("--verify")
+    if copy.bwlimit:
+        argv += ["--bwlimit", str(copy.bwlimit)]
+    if copy.only_changed:
+        argv.append("--only-changed")
+    if copy.checksums:
+        argv += ["--checksums", sums_file]
+    return argv
 
 
 class CopyRunner(Protocol):
@@ -62,6 +98,9 @@ class CopyRunner(Protocol):
 
     def finished(self, job: str) -> None:
         """The step succeeded and its result is recorded: tidy up what only served it."""
+
+    def close(self) -> None:
+        """Stop what follows the copies (the process ends)."""
 
 
 class LocalCopyRunner:
@@ -86,15 +125,7 @@ class LocalCopyRunner:
         if proc is not None and proc.poll() is None:
             return
         argv = [sys.executable, "-m", "csi_virtvol", "copy",
-                "--src", f"{copy.src}:{copy.src_offset}:{copy.length}",
-                "--dst", f"{copy.dst}:{copy.dst_offset}",
-                "--progress-file", self._progress(copy.job), "--resume-from", "auto", "--progress"]
-        if copy.bwlimit:
-            argv += ["--bwlimit", str(copy.bwlimit)]
-        if copy.only_changed:
-            argv.append("--only-changed")
-        if copy.checksums:
-            argv += ["--checksums", self._sums(copy.job)]
+                *copy_args(copy, progress_file=self._progress(copy.job), sums_file=self._sums(copy.job))]
         with open(self._log(copy.job), "ab") as out:
             try:
                 self._procs[copy.job] = subprocess.Popen(
@@ -119,19 +150,12 @@ class LocalCopyRunner:
         rc = proc.poll()
         if rc is None:
             return JobStatus(running=True, done=False, bytes_done=done)
+        ev = closing_event(self._tail(job))
         if rc == 0:
-            return JobStatus(running=False, done=True, bytes_done=done, bytes_written=self._written(job))
-        return JobStatus(running=False, done=False, bytes_done=done,
+            written = int(ev.get("bytes_written", -1)) if ev is not None and ev["event"] == "done" else -1
+            return JobStatus(running=False, done=True, bytes_done=done, bytes_written=written, result=ev)
+        return JobStatus(running=False, done=False, bytes_done=done, result=ev, mismatch=rc == EXIT_MISMATCH,
                          message=f"copy exited with {rc}: {self._tail(job)}")
-
-    def _written(self, job: str) -> int:
-        """bytes_written from the copy's closing JSON line (its "done" event)."""
-        line = self._tail(job)
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return -1
-        return int(event.get("bytes_written", -1)) if event.get("event") == "done" else -1
 
     def _tail(self, job: str) -> str:
         try:

@@ -176,7 +176,8 @@ def _pair_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
             "extents": [{"index": e["index"], "method": e["method"], "state": e["state"],
                          "bytesTotal": e["bytes_total"], "bytesDone": e["bytes_done"],
                           "bytesWritten": e["bytes_written"], "message": e["message"],
-                          "sourceLun": e.get("source_lun", "")}
+                          "sourceLun": e.get("source_lun", ""),
+                          "verifyMethod": e.get("verify_method", ""), "verifyResult": e.get("verify_result", "")}
                         for e in t["extents"]],
             "bytesTotal": t_total, "bytesDone": t_done, "startedAt": t["started_at"],
             "endedAt": t["ended_at"], "reason": t["reason"]})

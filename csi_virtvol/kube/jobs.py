@@ -26,6 +26,7 @@ import kubernetes.watch as _k8s_watch
 import urllib3.exceptions
 
 from csi_virtvol import errors
+from csi_virtvol.kube import informer
 from csi_virtvol.kube.crdstore import GROUP, label_value, wrap_api_error
 
 Obj = dict[str, Any]
@@ -39,6 +40,9 @@ TARGET_LABEL = f"{GROUP}/target"
 EXTENT_LABEL = f"{GROUP}/extent"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 STATE_DIR = "/var/lib/csi-virtvol/copy"
+TERMINATION_LOG = "/dev/termination-log"
+CHECKPOINT_ANNOTATION = f"{GROUP}/checkpoint"  # which attempt (copy/checkpoint.py) the Job copies
+CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
 # csi-virtvol copy's exit codes that no retry can fix (bad usage, verification mismatch)
 PERMANENT_EXIT_CODES = (2, 3)
@@ -80,6 +84,9 @@ def build_copy_job(
     image_pull_policy: str = "IfNotPresent",
     priority_class: str = "",
     labels: Mapping[str, str] | None = None,
+    checkpoint_id: str = "",
+    tolerations: Sequence[Mapping[str, Any]] | None = None,
+    image_pull_secrets: Sequence[Mapping[str, Any] | str] = (),
 ) -> Obj:
     """The batch/v1 Job copying `src` (PATH[:OFFSET[:LENGTH]]) to `dst`
     (PATH[:OFFSET]) on `node`, for extent `extent_index` of `target` in pair `pair_id`.
@@ -102,7 +109,12 @@ def build_copy_job(
         **(labels or {}),
     }
     args = ["copy", "--src", src, "--dst", dst, "--resume-from", str(resume_from),
-            "--progress", "--progress-file", f"{state_dir}/{name}.json"]
+            "--progress", "--progress-file", f"{state_dir}/{name}.json",
+            # the closing event becomes the container's termination message: read from the pod's
+            # status (which the controller watches anyway), never from its log
+            "--result-file", TERMINATION_LOG]
+    if checkpoint_id:
+        args += ["--checkpoint-id", checkpoint_id]
     if bwlimit:
         args += ["--bwlimit", str(bwlimit)]
     if verify:
@@ -124,7 +136,8 @@ def build_copy_job(
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
-        "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}],
+        "tolerations": [dict(t) for t in tolerations] if tolerations is not None
+        else [{"operator": "Exists", "effect": "NoSchedule"}],
         "containers": [{
             "name": "copy",
             "image": image,
@@ -134,6 +147,7 @@ def build_copy_job(
             "securityContext": {"privileged": True, "allowPrivilegeEscalation": True, "runAsUser": 0},
             "resources": {"requests": {"cpu": cpu_request, "memory": memory_request},
                           "limits": {"cpu": cpu_limit, "memory": memory_limit}},
+            "terminationMessagePath": TERMINATION_LOG,
             "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": mounts,
         }],
@@ -143,6 +157,8 @@ def build_copy_job(
         pod_spec["serviceAccountName"] = service_account
     if priority_class:
         pod_spec["priorityClassName"] = priority_class
+    if image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": x} if isinstance(x, str) else dict(x) for x in image_pull_secrets]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -151,7 +167,7 @@ def build_copy_job(
             "namespace": namespace,
             "labels": meta_labels,
             "annotations": {PAIR_LABEL: pair_id, TARGET_LABEL: target, f"{GROUP}/src": src,
-                            f"{GROUP}/dst": dst},
+                            f"{GROUP}/dst": dst, CHECKPOINT_ANNOTATION: checkpoint_id},
         },
         "spec": {
             "backoffLimit": backoff_limit,
@@ -221,36 +237,80 @@ def _condition(job: Obj, type_: str) -> Obj | None:
 
 
 class JobRunner:
-    """Creates copy Jobs in `namespace`, follows them and reads their progress."""
+    """Creates copy Jobs in `namespace`, follows them and reads their progress.
 
-    def __init__(self, api_client: k8s.ApiClient, *, namespace: str, request_timeout: float = 30.0) -> None:
+    Every request is retried with backoff while the API server answers 5xx or
+    429 or cannot be reached (kube/informer.py): such an answer is never a
+    copy's result.  `follow()` starts one watch on copy Jobs and one on copy
+    pods for the whole process; while it runs, reads come from those caches.
+    """
+
+    def __init__(self, api_client: k8s.ApiClient, *, namespace: str, request_timeout: float = 30.0,
+                 delays: Sequence[float] = informer.DELAYS) -> None:
         self._client: Any = api_client
         self._batch = k8s.BatchV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
         self._namespace = namespace
         self._timeout = request_timeout
+        self._delays = delays
+        self.jobs: informer.Informer | None = None
+        self.pods: informer.Informer | None = None
+
+    def _call(self, call: Callable[[], Any], what: str) -> Any:
+        return informer.retrying(call, what=what, delays=self._delays)
+
+    def follow(self) -> None:
+        """Start following copy Jobs and pods with one watch each (idempotent)."""
+        if self.jobs is None:
+            sel = f"app.kubernetes.io/component={COMPONENT}"
+            self.jobs = informer.Informer(self._batch.list_namespaced_job, self._client, namespace=self._namespace,
+                                          label_selector=sel, what="copy jobs", request_timeout=self._timeout,
+                                          delays=self._delays)
+            self.pods = informer.Informer(self._core.list_namespaced_pod, self._client, namespace=self._namespace,
+                                          label_selector=sel, what="copy pods", request_timeout=self._timeout,
+                                          delays=self._delays)
+            self.jobs.start()
+            self.pods.start()
+
+    def close(self) -> None:
+        for inf in (self.jobs, self.pods):
+            if inf is not None:
+                inf.stop()
 
     def start(self, job: Obj) -> str:
-        """Create the Job; an existing Job of the same name and pair is taken as ours."""
+        """Create the Job; an existing Job of the same name and pair is taken as ours when it
+        copies the same attempt, and replaced when it is a previous attempt's."""
         name = str(job["metadata"]["name"])
-        try:
-            self._batch.create_namespaced_job(self._namespace, cast(Any, job),  # a dict body is sent as is
-                                              _request_timeout=self._timeout)
-            logger.info("started copy job %s/%s", self._namespace, name)
-        except k8s.ApiException as e:
-            if e.status != 409:
+        want_ckpt = str((job["metadata"].get("annotations") or {}).get(CHECKPOINT_ANNOTATION, ""))
+        for _ in range(20):
+            try:
+                self._call(lambda: self._batch.create_namespaced_job(
+                    self._namespace, cast(Any, job), _request_timeout=self._timeout), f"create job {name}")
+                logger.info("started copy job %s/%s", self._namespace, name)
+                return name
+            except k8s.ApiException as e:
+                if e.status != 409:
+                    raise wrap_api_error(e, f"create job {name}") from e
+                have = self.get(name)
+                if have is None:
+                    continue  # it went meanwhile: create it again
+                meta = have.get("metadata") or {}
+                if (meta.get("labels") or {}).get(PAIR_LABEL) != job["metadata"]["labels"].get(PAIR_LABEL):
+                    raise errors.Conflict(f"job {self._namespace}/{name} exists and belongs to another pair") from e
+                if str((meta.get("annotations") or {}).get(CHECKPOINT_ANNOTATION, "")) == want_ckpt \
+                        and not meta.get("deletionTimestamp"):
+                    return name
+                logger.info("copy job %s/%s is of another attempt; replacing it", self._namespace, name)
+                self.delete(name, uid=str(meta.get("uid") or ""))
+                time.sleep(0.2)
+            except (urllib3.exceptions.HTTPError, OSError) as e:
                 raise wrap_api_error(e, f"create job {name}") from e
-            have = self.get(name)
-            want = job["metadata"]["labels"].get(PAIR_LABEL)
-            if have is None or (have.get("metadata") or {}).get("labels", {}).get(PAIR_LABEL) != want:
-                raise errors.Conflict(f"job {self._namespace}/{name} exists and belongs to another pair") from e
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise wrap_api_error(e, f"create job {name}") from e
-        return name
+        raise errors.OperationPending(f"copy job {self._namespace}/{name} of a previous attempt is still going")
 
     def get(self, name: str) -> Obj | None:
         try:
-            job = self._batch.read_namespaced_job(name, self._namespace, _request_timeout=self._timeout)
+            job = self._call(lambda: self._batch.read_namespaced_job(
+                name, self._namespace, _request_timeout=self._timeout), f"get job {name}")
         except k8s.ApiException as e:
             if e.status == 404:
                 return None
@@ -259,36 +319,49 @@ class JobRunner:
             raise wrap_api_error(e, f"get job {name}") from e
         return cast(Obj, self._client.sanitize_for_serialization(job))
 
-    def progress(self, name: str) -> CopyProgress | None:
-        """Progress from the log of the Job's newest pod (None before it printed any)."""
+    def list_pods(self, name: str) -> list[Obj]:
         try:
-            pods = self._core.list_namespaced_pod(self._namespace, label_selector=f"{JOB_NAME_LABEL}={name}",
-                                                  _request_timeout=self._timeout)
-            metas: list[Any] = [p.metadata for p in pods.items or [] if p.metadata is not None]
-            metas.sort(key=lambda m: (str(m.creation_timestamp or ""), str(m.name)))
-            for meta in reversed(metas):
-                log = self._core.read_namespaced_pod_log(str(meta.name), self._namespace, container="copy",
-                                                         _request_timeout=self._timeout)
-                got = parse_progress(str(log or ""))
-                if got is not None:
-                    return got
+            out = self._call(lambda: self._core.list_namespaced_pod(
+                self._namespace, label_selector=f"{JOB_NAME_LABEL}={name}", _request_timeout=self._timeout),
+                f"list pods of job {name}")
+        except (k8s.ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise wrap_api_error(e, f"list pods of job {name}") from e
+        return list(cast(Obj, self._client.sanitize_for_serialization(out)).get("items") or [])
+
+    def last_line(self, pod: str, *, lines: int = 1) -> str:
+        """The last `lines` lines of a copy pod's log (a small read: tailLines, limitBytes); "" if none yet."""
+        try:
+            text = self._call(lambda: self._core.read_namespaced_pod_log(
+                pod, self._namespace, container="copy", tail_lines=lines, limit_bytes=1024 * lines,
+                _request_timeout=self._timeout), f"read log of pod {pod}")
         except k8s.ApiException as e:
             if e.status in (400, 404):  # pod gone or not started yet: no log to read
-                return None
-            raise wrap_api_error(e, f"read progress of job {name}") from e
+                return ""
+            raise wrap_api_error(e, f"read log of pod {pod}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise wrap_api_error(e, f"read progress of job {name}") from e
-        return None
+            raise wrap_api_error(e, f"read log of pod {pod}") from e
+        return str(text or "")
+
+    def progress(self, name: str, *, job: Obj | None = None) -> CopyProgress | None:
+        """Progress of the Job's newest pod: its result when it ended, else its last log line."""
+        pods = own_pods(job, self.list_pods(name)) if job is not None else self.list_pods(name)
+        pod = newest(pods)
+        if pod is None:
+            return None
+        ev = pod_result(pod)
+        if ev is not None:
+            return parse_progress(json.dumps(ev))
+        return parse_progress(self.last_line(str(pod["metadata"]["name"]), lines=8))
 
     def outcome(self, job: Obj) -> JobOutcome | None:
         """The finished Job's outcome, or None while it runs."""
         name = str(job["metadata"]["name"])
         if _condition(job, "Complete") is not None or _condition(job, "SuccessCriteriaMet") is not None:
-            return JobOutcome(succeeded=True, reason="Complete", progress=self.progress(name))
+            return JobOutcome(succeeded=True, reason="Complete", progress=self.progress(name, job=job))
         failed = _condition(job, "Failed") or _condition(job, "FailureTarget")
         if failed is None:
             return None
-        prog = self.progress(name)
+        prog = self.progress(name, job=job)
         message = str(failed.get("message") or "")
         if prog is not None and prog.error:
             message = f"{message}: {prog.error}" if message else prog.error
@@ -312,7 +385,7 @@ class JobRunner:
                 if on_progress is not None and done.progress is not None and done.progress != last:
                     on_progress(done.progress)
                 return done
-            prog = self.progress(name)
+            prog = self.progress(name, job=job)
             if on_progress is not None and prog is not None and prog != last:
                 on_progress(prog)
                 last = prog
@@ -329,23 +402,83 @@ class JobRunner:
                               timeout_seconds=max(1, int(seconds)), _request_timeout=(self._timeout, seconds)):
                 return
         except k8s.ApiException as e:
-            if e.status == 410:
-                return  # history gone: just read the Job again
+            if e.status == 410 or informer.transient(e):
+                return  # history gone, or a passing fault: just read the Job again
             raise wrap_api_error(e, f"watch job {name}") from e
-        except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
-            return
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise wrap_api_error(e, f"watch job {name}") from e
+        except (urllib3.exceptions.HTTPError, OSError):
+            time.sleep(min(seconds, 1.0))  # the API server is unreachable for now: read again soon
         finally:
             w.stop()
 
-    def delete(self, name: str) -> None:
-        """Delete the Job and its pods (missing is fine)."""
+    def delete(self, name: str, *, uid: str = "") -> None:
+        """Delete the Job and its pods (missing is fine); with `uid`, only that incarnation of it."""
+        body: Obj = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            self._batch.delete_namespaced_job(name, self._namespace, propagation_policy="Background",
-                                              _request_timeout=self._timeout)
+            self._call(lambda: self._batch.delete_namespaced_job(name, self._namespace, body=cast(Any, body),
+                                                                 _request_timeout=self._timeout),
+                       f"delete job {name}")
         except k8s.ApiException as e:
+            if e.status == 409 and uid:
+                return  # already replaced by another incarnation
             if e.status != 404:
                 raise wrap_api_error(e, f"delete job {name}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise wrap_api_error(e, f"delete job {name}") from e
+        for inf in (self.jobs,):
+            if inf is not None:
+                inf.forget(name)
+
+
+def own_pods(job: Obj, pods: Sequence[Obj]) -> list[Obj]:
+    """The pods of this incarnation of `job`: a Job deleted and made again under the same
+    name has a new uid, and the old one's pods may still be around."""
+    uid = (job.get("metadata") or {}).get("uid")
+    out = []
+    for p in pods:
+        meta = p.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        owners = [o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"]
+        if (CONTROLLER_UID_LABEL in labels and labels[CONTROLLER_UID_LABEL] != uid) or (owners and uid not in owners):
+            continue
+        if labels.get(JOB_NAME_LABEL) != (job.get("metadata") or {}).get("name"):
+            continue
+        out.append(p)
+    return out
+
+
+def newest(pods: Sequence[Obj]) -> Obj | None:
+    if not pods:
+        return None
+    return max(pods, key=lambda p: (str(p["metadata"].get("creationTimestamp") or ""), str(p["metadata"]["name"])))
+
+
+def copy_container(pod: Obj) -> Obj | None:
+    for c in (pod.get("status") or {}).get("containerStatuses") or []:
+        if c.get("name") == "copy":
+            return cast(Obj, c)
+    return None
+
+
+def pod_exit(pod: Obj) -> int | None:
+    """The copy container's exit code once it ended, else None."""
+    c = copy_container(pod)
+    term = ((c or {}).get("state") or {}).get("terminated")
+    if term is None:
+        return None
+    return int(term.get("exitCode", 1))
+
+
+def pod_result(pod: Obj) -> Obj | None:
+    """The copy's closing event, from the container's termination message (--result-file)."""
+    c = copy_container(pod)
+    term = ((c or {}).get("state") or {}).get("terminated") or {}
+    msg = str(term.get("message") or "").strip()
+    if not msg:
+        return None
+    try:
+        ev = json.loads(msg.splitlines()[-1])
+    except ValueError:
+        return None
+    return cast(Obj, ev) if isinstance(ev, dict) and "event" in ev else None

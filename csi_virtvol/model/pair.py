@@ -38,6 +38,8 @@ class ExtentCopy:
     bytes_written: int = 0  # what the last host copy or resync really wrote (holes and equal data skipped)
     message: str = ""
     source_lun: str = ""  # "array:lun" the piece is read from (seed table 140: the pair's source)
+    verify_method: str = ""  # how a host-copied extent was checked before done (services/verify.py)
+    verify_result: str = ""  # "match", or what did not match
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,24 +18,25 @@ Order of work, each step idempotent so a restarted controller resumes it:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from csi_virtvol import errors
 from csi_virtvol.backends.base import RemoteCopyCapable, require_internal_copy, require_remote_copy
 from csi_virtvol.config import TOPOLOGY_NODE_KEY
-from csi_virtvol.copy import planner
+from csi_virtvol.copy import checkpoint, planner
 from csi_virtvol.model.allocation import ALIGN, Candidate, Layout, LunNamer, plan_extents
 from csi_virtvol.model.array import Ability, LunOrigin, LunState
 from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
 from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import clonecost, failpoints, tracking
+from csi_virtvol.services import clonecost, failpoints, tracking, verify
 from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
@@ -83,6 +84,7 @@ class SnapshotService:
         self._is_leader = is_leader
         self._workers: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._guard = threading.Lock()
+        self._claimed: dict[str, int] = {}  # pairs a request is making or undoing: no reconcile worker for them
         self._changed = threading.Condition()  # notified when a copy ends, so waiters answer at once
         self._pending: Callable[[str], bool] = lambda vid: False  # set by services.groups
         volumes.set_cloner(self.create_from_source, self.busy_reason, self._discard_locked)
@@ -155,8 +157,9 @@ class SnapshotService:
                 source = self._volumes.get(source_volume_id)
                 if source.state is not VolumeState.AVAILABLE:
                     raise errors.PreconditionFailed(f"volume {source_volume_id} is {source.state.value}")
-                self._begin(target_id=sid, name=name, source=source, kind=VolumeKind.SNAPSHOT,
-                            size=source.size, requested=_arrays(parameters), parameters=dict(parameters))
+                with self._claim(sid):
+                    self._begin(target_id=sid, name=name, source=source, kind=VolumeKind.SNAPSHOT,
+                                size=source.size, requested=_arrays(parameters), parameters=dict(parameters))
         snap = self._await(sid)
         return snap, self.progress(snap)
 
@@ -199,9 +202,10 @@ class SnapshotService:
                 names = list(place.arrays)
                 if place.selector:
                     names = [i.id for i in self._arrays.select(names=names, selector=place.selector)]
-                self._begin(target_id=vid, name=req.name, source=source, kind=VolumeKind.VOLUME, size=size,
-                            requested=names, parameters=dict(req.parameters),
-                            mutable=dict(req.mutable_parameters), content_source=req.content_source)
+                with self._claim(vid):
+                    self._begin(target_id=vid, name=req.name, source=source, kind=VolumeKind.VOLUME, size=size,
+                                requested=names, parameters=dict(req.parameters),
+                                mutable=dict(req.mutable_parameters), content_source=req.content_source)
             elif existing.value.state is VolumeState.COPYING:
                 self._ensure_worker(vid)
         vol = self._await(vid)
@@ -283,6 +287,20 @@ class SnapshotService:
             self._discard(target_id)
             raise
         self._ensure_worker(target_id)
+
+    @contextlib.contextmanager
+    def _claim(self, vid: str) -> Iterator[None]:
+        """While a request makes or undoes pair `vid`, the reconcile loop starts no worker on it
+        (a worker on a half-undone pair would make its LUNs again, without the pair's clones)."""
+        with self._guard:
+            self._claimed[vid] = self._claimed.get(vid, 0) + 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._claimed[vid] -= 1
+                if not self._claimed[vid]:
+                    del self._claimed[vid]
 
     @staticmethod
     def _slot_names(target_id: VolumeId, placement: planner.Placement) -> list[LunId]:
@@ -403,7 +421,9 @@ class SnapshotService:
         """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent.
         While a pair resyncs its clones are made again (a clone is never updated in place)."""
         prec = self._store.get(S.PAIRS, target.id)
-        recloning = prec is not None and prec.value.targets[0].state is PairState.RESYNCING
+        if prec is None:  # undone meanwhile: without the pair, clones would be made as full LUNs
+            raise errors.NotFound(f"pair {target.id} is gone")
+        recloning = prec.value.targets[0].state is PairState.RESYNCING
         src_luns = {(e.array, e.lun) for e in source.extents}
         made: set[tuple[ArrayId, LunId]] = set()
         for i, e in enumerate(target.extents):
@@ -445,12 +465,14 @@ class SnapshotService:
         return plan.for_target(target.id)
 
     # -- the worker: host copies with checkpoints ----------------------------
-    def _ensure_worker(self, vid: str) -> None:
+    def _ensure_worker(self, vid: str, *, resuming: bool = False) -> None:
         if not self._is_leader():
             return  # the elected controller's reconcile loop runs it
         if self._pending(vid):
             return  # a member of a group still being cut: the group cuts and starts it
         with self._guard:
+            if resuming and vid in self._claimed:
+                return
             w = self._workers.get(vid)
             if w is not None and w[0].is_alive():
                 return
@@ -496,23 +518,30 @@ class SnapshotService:
             if row.method is CopyMethod.REMOTE:
                 self._remote_copy(vid, row, step, stop, resync=resync)
             else:
-                self._host_copy(vid, row, step, stop, source, only_changed=resync)
+                self._host_copy(vid, row, step, stop, source, only_changed=resync, cut_at=pair.cut_at)
         if stop.is_set():
             return
         self._finish(vid)
 
     def _host_copy(self, vid: str, row: ExtentCopy, step: planner.CopyStep, stop: threading.Event,
-                   source: VirtualVolume, *, only_changed: bool = False) -> None:
+                   source: VirtualVolume, *, only_changed: bool = False, cut_at: float = 0.0) -> None:
         src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
         dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
         job = f"{vid}-{row.index}"
-        copy = HostCopy(job=job, pair=vid, index=row.index, node=self._copy_node(step),
-                        src=src, src_offset=step.source.offset, dst=dst,
-                        dst_offset=step.target_extent.offset, length=step.length,
-                        bwlimit=self._bwlimit(source), only_changed=only_changed,
-                        # a snapshot is never written by anyone else, so a manifest of its pages
-                        # stays true: later resyncs then read only the source
-                        checksums=only_changed and vid.startswith("vs-"))
+        recopies = 0
+
+        def attempt() -> HostCopy:  # a checkpoint belongs to one target, one cut and one attempt
+            ident = checkpoint.identity(pair=vid, target=f"{step.target_extent.array}:{step.target_extent.lun}",
+                                        cut_at=cut_at, attempt=recopies)
+            return HostCopy(job=job, pair=vid, index=row.index, node=self._copy_node(step),
+                            src=src, src_offset=step.source.offset, dst=dst,
+                            dst_offset=step.target_extent.offset, length=step.length,
+                            bwlimit=self._bwlimit(source), only_changed=only_changed,
+                            # a snapshot is never written by anyone else, so a manifest of its pages
+                            # stays true: later resyncs then read only the source
+                            checksums=only_changed and vid.startswith("vs-"),
+                            checkpoint_id=ident, verify=True)
+        copy = attempt()
         attempts = 0
         self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
         self._runner.start(copy)
@@ -524,11 +553,25 @@ class SnapshotService:
                 self._set_row(vid, row.index, done=min(st.bytes_done, row.bytes_total))
                 if st.bytes_done:
                     failpoints.hit("copy-checkpointed")
-            if st.done:
-                self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total,
-                              written=st.bytes_written)
-                self._runner.finished(job)
-                return
+            if st.done or st.mismatch:
+                verdict = verify.judge(st, length=step.length, checkpoint_id=copy.checkpoint_id)
+                if verdict.ok:
+                    failpoints.hit("copy-verified")
+                    self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total,
+                                  written=st.bytes_written, verified=(verdict.method, verdict.result))
+                    self._runner.finished(job)
+                    return
+                self._set_row(vid, row.index, state=ExtentCopyState.COPYING, done=0,
+                              verified=(verdict.method, verdict.result))
+                self._runner.forget(job)
+                recopies += 1
+                if recopies > verify.MAX_RECOPIES:
+                    raise errors.BackendError(f"host copy of extent {row.index} did not verify: {verdict.result}")
+                log.warning("host copy %s did not verify (%s: %s); copying it again from the start",
+                            job, verdict.method, verdict.result)
+                copy, last = attempt(), -1
+                self._runner.start(copy)
+                continue
             if not st.running:
                 attempts += 1
                 if attempts > 3:
@@ -594,12 +637,15 @@ class SnapshotService:
         return nodes.pop() if nodes else ""
 
     def _set_row(self, vid: str, index: int, *, state: ExtentCopyState | None = None, done: int | None = None,
-                 written: int = -1) -> None:
+                 written: int = -1, verified: tuple[str, str] | None = None) -> None:
         def change(p: Pair) -> Pair:
             t = p.targets[0]
+            method, result = verified or ("", "")
             rows = tuple(dataclasses.replace(r, state=state or r.state,
                                              bytes_done=r.bytes_done if done is None else done,
-                                             bytes_written=r.bytes_written if written < 0 else written)
+                                             bytes_written=r.bytes_written if written < 0 else written,
+                                             verify_method=method if verified else r.verify_method,
+                                             verify_result=result if verified else r.verify_result)
                          if r.index == index else r for r in t.extents)
             return dataclasses.replace(p, targets=(dataclasses.replace(t, extents=rows),))
         self._update_pair(vid, change)
@@ -720,6 +766,10 @@ class SnapshotService:
 
     def _discard(self, vid: str) -> None:
         """Cancel any copy, lift the fence, free every LUN, drop the records."""
+        with self._claim(vid):
+            self._discard_claimed(vid)
+
+    def _discard_claimed(self, vid: str) -> None:
         self._stop_worker(vid)
         pair = self._store.get(S.PAIRS, vid)
         if pair is not None:
@@ -809,8 +859,13 @@ class SnapshotService:
                     self._release(pair)
                     self._store.delete(S.PAIRS, pair.id)
                     continue
-                log.info("resuming copy into %s", pair.id)
-                self._ensure_worker(pair.id)
+                with self._guard:
+                    if pair.id in self._claimed:
+                        continue  # a request is making or undoing it
+                    running = pair.id in self._workers and self._workers[pair.id][0].is_alive()
+                if not running:
+                    log.info("resuming copy into %s", pair.id)
+                    self._ensure_worker(pair.id, resuming=True)
 
     def reconcile(self, stop: threading.Event, *, period: float = 5.0) -> None:
         """On the elected controller: keep every copy in flight running."""

@@ -70,8 +70,7 @@ def test_json_lines_and_progress_file(tmp_path: Path) -> None:
     assert progress == sorted(progress) and progress[-1] == 8 * MiB and len(progress) >= 3
     assert events[-1]["event"] == "done" and events[-1]["verified"] is True
     assert dst.read_bytes()[MiB:] == src.read_bytes()[4096:4096 + 8 * MiB]
-    saved = json.loads(pf.read_text())
-    assert saved["bytes_done"] == 8 * MiB and saved["src_offset"] == 4096
+    assert not pf.exists(), "a finished copy leaves no checkpoint behind"
 
 
 def test_tty_progress_bar() -> None:
@@ -151,6 +150,40 @@ def test_resume_auto_refuses_a_foreign_progress_file(tmp_path: Path) -> None:
                 "--resume-from", "auto")
     assert p.returncode == 1 and "another copy" in p.stderr
     assert not dst.exists()
+
+
+def test_resume_auto_never_resumes_another_attempts_checkpoint(tmp_path: Path) -> None:
+    """Issue 12: a retried copy Job (same name, same progress file) into a freshly made target
+    must not resume from the discarded attempt's checkpoint, which said the range was done."""
+    src, dst, pf = tmp_path / "src", tmp_path / "dst", tmp_path / "progress.json"
+    src.write_bytes(os.urandom(4 * MiB))
+    dst.write_bytes(bytes(4 * MiB))  # the new attempt's target: fresh, all zeros
+    where = {"src": str(src), "src_offset": 0, "dst": str(dst), "dst_offset": 0, "length": 4 * MiB}
+    cli.write_progress_file(str(pf), {**where, "checkpoint_id": "vs-1/fast:vs-1-1@1.0", "bytes_done": 4 * MiB})
+    p = run_cli("--src", str(src), "--dst", str(dst), "--progress-file", str(pf), "--resume-from", "auto",
+                "--checkpoint-id", "vs-1/fast:vs-1-1@2.0", "--progress")
+    assert p.returncode == 0, p.stderr
+    final = lines(p.stdout)[-1]
+    assert final["resumed_from"] == 0 and final["bytes_written"] == 4 * MiB
+    assert final["checkpoint_id"] == "vs-1/fast:vs-1-1@2.0"
+    assert dst.read_bytes() == src.read_bytes()
+    assert not pf.exists()
+
+
+def test_a_mismatch_drops_the_checkpoint_and_reports_it(tmp_path: Path) -> None:
+    """A checkpoint that claims more than the target holds is caught by --verify, and dropped."""
+    src, dst, pf = tmp_path / "src", tmp_path / "dst", tmp_path / "progress.json"
+    src.write_bytes(os.urandom(4 * MiB))
+    dst.write_bytes(bytes(4 * MiB))
+    where = {"src": str(src), "src_offset": 0, "dst": str(dst), "dst_offset": 0, "length": 4 * MiB}
+    cli.write_progress_file(str(pf), {**where, "checkpoint_id": "x", "bytes_done": 2 * MiB})
+    result = tmp_path / "termination-log"
+    p = run_cli("--src", str(src), "--dst", str(dst), "--progress-file", str(pf), "--resume-from", "auto",
+                "--checkpoint-id", "x", "--verify", "--result-file", str(result))
+    assert p.returncode == cli.EXIT_MISMATCH, p.stderr
+    ev = json.loads(result.read_text())
+    assert ev["event"] == "error" and ev["mismatch"] is True and ev["offset"] == 0
+    assert not pf.exists(), "a checkpoint the target does not back is never resumed from"
 
 
 def test_sigterm_stops_at_a_checkpoint(tmp_path: Path) -> None:

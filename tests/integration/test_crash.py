@@ -24,7 +24,7 @@ from harness.plugin import mount_cap
 
 MiB = 1 << 20
 POINTS = ["copy-recorded-volume", "copy-recorded-pair", "copy-fenced", "copy-luns-made",
-          "copy-checkpointed", "copy-finishing", "copy-released"]
+          "copy-checkpointed", "copy-verified", "copy-finishing", "copy-released"]
 
 
 @contextmanager

@@ -38,7 +38,9 @@ VolumeSnapshot (snapshot.storage.k8s.io/v1, schemaless).  Built-in bodies are ch
 with kubernetes-validate's schemas when it is installed.
 
 Tests drive what controllers would do (a Job's status, a Pod's log) through
-the hooks at the bottom of `FakeApiServer`.
+the hooks at the bottom of `FakeApiServer`: also injected faults (`inject_fault`: a 5xx or 429
+answer, or a connection closed unanswered, e.g. on pods/log), a Job retried under the same name
+(`recreate_job`: a new uid, the old pods left), and pods/log's tailLines/limitBytes.
 """
 from __future__ import annotations
 
@@ -448,6 +450,7 @@ class FakeApiServer:
         self._history_max = history
         self._trimmed = 0      # the newest rv no longer in the history
         self._logs: dict[tuple[str, str], str] = {}
+        self._faults: list[_Fault] = []
         self._stopping = False
         self.resources: list[Resource] = list(BUILTINS)
         self.requests: list[tuple[str, str]] = []   # (method, path) of every request
@@ -951,6 +954,67 @@ class FakeApiServer:
                 raise self._not_found(res, name)
             return self._logs.get((namespace, name), "")
 
+    # -- injected faults and controller behaviour (issue 12) ---------------
+
+    def inject_fault(self, method: str, path: str, *, code: int = 500, times: int = 1,
+                     drop: bool = False, message: str = "") -> None:
+        """The next `times` requests of `method` whose path matches the regular expression `path`
+        fail: with status `code` (a kubelet's 500 on pods/log, a 503 or 429 of an overloaded server),
+        or with `drop`, by closing the connection unanswered (connection refused/reset)."""
+        with self._lock:
+            self._faults.append(_Fault(method=method, path=re.compile(path), code=code, left=times, drop=drop,
+                                       message=message or f"injected {code}: dial tcp 10.0.0.1:10250: "
+                                                          "connect: connection refused"))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def faults_left(self) -> int:
+        with self._lock:
+            return sum(f.left for f in self._faults)
+
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
+        with self._lock:
+            for f in self._faults:
+                if f.left > 0 and f.method == method and f.path.search(path):
+                    f.left -= 1
+                    return f
+        return None
+
+    def recreate_job(self, name: str, namespace: str) -> Obj:
+        """What a retry of a Job under the same name looks like: the Job is deleted and made again
+        from its own spec (a new uid, no status); the old Job's pods stay until garbage collection."""
+        res = self._res("batch", "jobs")
+        with self._lock:
+            old = copy.deepcopy(self._objects[self._key(res, namespace, name)])
+        self.delete(res, namespace, name, None)
+        meta = {k: v for k, v in old["metadata"].items()
+                if k in ("name", "namespace", "labels", "annotations")}
+        return self.create(res, namespace, {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+                                            "spec": old["spec"]})
+
+
+@dataclasses.dataclass
+class _Fault:
+    method: str
+    path: re.Pattern[str]
+    code: int
+    left: int
+    drop: bool
+    message: str
+
+
+def _tail(text: str, q: Mapping[str, str]) -> str:
+    """pods/log's tailLines and limitBytes, as the kubelet applies them (lines first)."""
+    if q.get("tailLines"):
+        n = int(q["tailLines"])
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[-n:]) if n > 0 else ""
+    if q.get("limitBytes"):
+        text = text.encode()[:int(q["limitBytes"])].decode(errors="ignore")
+    return text
+
 
 _BUILTIN_SCHEMA_VERSION = "1.30.0"
 
@@ -1019,6 +1083,18 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
             q = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
             with api._lock:
                 api.requests.append((method, url.path))
+            fault = api._take_fault(method, url.path)
+            if fault is not None and fault.drop:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault is not None:
+                self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
+                self._send_json(fault.code, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                             "status": "Failure", "message": fault.message,
+                                             "reason": "InternalError" if fault.code >= 500 else "TooManyRequests",
+                                             "code": fault.code})
+                return
             try:
                 body = self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
                 m = _PATH.match(url.path)
@@ -1052,7 +1128,7 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
                                    limit=int(q.get("limit") or 0), cont=q.get("continue", ""))
                     self._send_json(200, out)
                 elif method == "GET" and sub == "log":
-                    text = api.pod_log(nsv, name).encode()
+                    text = _tail(api.pod_log(nsv, name), q).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain")
                     self.send_header("Content-Length", str(len(text)))

@@ -10,12 +10,14 @@ as `kubectl get` would.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,36 +37,67 @@ GROUP = "virtvol.csi.example.org"
 pytestmark = pytest.mark.root
 
 
+def run_copy_pod(api: FakeApiServer, job: dict[str, Any], *, attempt: int = 0,
+                 before: Callable[[dict[str, Any], list[str]], None] | None = None) -> int:
+    """Run one pod of `job` here, as its node's kubelet would: the pod is labelled with the Job's
+    uid, its container's termination message is what the copy wrote to /dev/termination-log
+    (redirected to a file here), and its log is the copy's stdout.  Returns the exit code."""
+    name = job["metadata"]["name"]
+    spec = job["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["command"] == ["csi-virtvol"]
+    for v in spec["volumes"]:  # what the kubelet does for hostPath volumes
+        if v["hostPath"].get("type") == "DirectoryOrCreate":
+            Path(v["hostPath"]["path"]).mkdir(parents=True, exist_ok=True)
+        else:
+            assert Path(v["hostPath"]["path"]).is_dir(), v
+    pod = f"{name}-{job['metadata']['uid'][:5]}-{attempt}"
+    api.put("", "pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": pod, "namespace": NS, "labels": {**job["spec"]["template"]["metadata"]["labels"],
+                                                 "batch.kubernetes.io/job-name": name,
+                                                 "batch.kubernetes.io/controller-uid": job["metadata"]["uid"]}},
+        "spec": {"containers": [{"name": "copy", "image": c["image"]}]},
+        "status": {"phase": "Running"}}, NS)
+    api.set_status("batch", "jobs", name, {"active": 1}, NS)
+    with tempfile.NamedTemporaryFile(prefix="termination-log-") as term:
+        args = [term.name if a == c["terminationMessagePath"] else a for a in c["args"]]
+        if before is not None:
+            before(job, args)
+        run = subprocess.run([sys.executable, "-m", "csi_virtvol", *args], capture_output=True, text=True)
+        message = Path(term.name).read_text()
+    api.set_pod_log(NS, pod, run.stdout)
+    api.set_status("", "pods", pod, {"phase": "Succeeded" if run.returncode == 0 else "Failed",
+                                     "containerStatuses": [{
+                                         "name": "copy", "ready": False, "restartCount": 0, "image": c["image"],
+                                         "imageID": "", "state": {"terminated": {
+                                             "exitCode": run.returncode, "message": message[-4096:]}}}]}, NS)
+    return run.returncode
+
+
+def finish_job(api: FakeApiServer, job: dict[str, Any], code: int, stderr: str = "") -> None:
+    name = job["metadata"]["name"]
+    if code == 0:
+        api.set_status("batch", "jobs", name, {"succeeded": 1, "conditions": [
+            {"type": "Complete", "status": "True"}]}, NS)
+    else:
+        api.set_status("batch", "jobs", name, {"failed": 1, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": stderr[-300:]}]}, NS)
+
+
 def kubelet(api: FakeApiServer, stop: threading.Event) -> None:
-    """Run every copy Job's container once, locally, and report it like a kubelet."""
+    """Run every copy Job (each incarnation, by uid) once, locally, and report it like a kubelet."""
     seen: set[str] = set()
     while not stop.wait(0.1):
         for job in api.objects("batch", "jobs", NS):
-            name = job["metadata"]["name"]
-            if name in seen:
+            if job["metadata"]["uid"] in seen:
                 continue
-            seen.add(name)
-            spec = job["spec"]["template"]["spec"]
-            c = spec["containers"][0]
-            assert c["command"] == ["csi-virtvol"]
-            for v in spec["volumes"]:  # what the kubelet does for hostPath volumes
-                if v["hostPath"].get("type") == "DirectoryOrCreate":
-                    Path(v["hostPath"]["path"]).mkdir(parents=True, exist_ok=True)
-                else:
-                    assert Path(v["hostPath"]["path"]).is_dir(), v
-            api.put("", "pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {
-                "name": f"{name}-p", "namespace": NS, "labels": {"batch.kubernetes.io/job-name": name}},
-                "spec": {"containers": [{"name": "copy", "image": c["image"]}]}}, NS)
-            api.set_status("batch", "jobs", name, {"active": 1}, NS)
-            run = subprocess.run([sys.executable, "-m", "csi_virtvol", *c["args"]], capture_output=True, text=True)
-            api.set_pod_log(NS, f"{name}-p", run.stdout)
-            if run.returncode == 0:
-                api.set_status("batch", "jobs", name, {"succeeded": 1, "conditions": [
-                    {"type": "Complete", "status": "True"}]}, NS)
-            else:
-                api.set_status("batch", "jobs", name, {"failed": 1, "conditions": [
-                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                     "message": run.stderr[-300:]}]}, NS)
+            seen.add(job["metadata"]["uid"])
+            code = run_copy_pod(api, job)
+            if api.find("batch", "jobs", job["metadata"]["name"], NS) is not None:
+                try:
+                    finish_job(api, job, code)
+                except Exception:  # the Job went (or was made again) meanwhile
+                    pass
 
 
 @pytest.fixture
@@ -126,6 +159,9 @@ def test_volume_snapshot_and_clone_on_crds(cluster: tuple[FakeApiServer, rpc.Con
     assert vvs["pvc-1"]["status"]["state"] == "available"
     assert [e["array"] for e in vvs["pvc-1"]["spec"]["extents"]] == ["fast", "slow"]
 
+    for pv in api.objects(GROUP, "physicalvolumes"):  # data to copy, not only holes
+        with open(pv["spec"]["address"], "r+b") as f:
+            f.write(os.urandom(MiB))
     deadline = time.monotonic() + 90
     while True:
         snap = ctl.CreateSnapshot(pb.CreateSnapshotRequest(name="snapshot-1", source_volume_id=vol.volume_id,
@@ -135,14 +171,18 @@ def test_volume_snapshot_and_clone_on_crds(cluster: tuple[FakeApiServer, rpc.Con
             break
         time.sleep(0.3)
     assert snap.ready_to_use
-    jobs = api.objects("batch", "jobs", NS)
-    assert len(jobs) == 1, "the ext4 extent is copied by one copy Job"
+    pods = api.objects("", "pods", NS)
+    assert len(pods) == 1, "the ext4 extent is copied by one copy Job's pod"
+    assert api.objects("batch", "jobs", NS) == [], "a copy Job goes once its result is in the pair"
     pairs = api.objects(GROUP, "volumepairs")
     assert len(pairs) == 1
     vp = pairs[0]
     assert vp["spec"]["source"] == vol.volume_id and vp["spec"]["targets"] == [snap.snapshot_id]
     assert vp["status"]["state"] == "split" and vp["status"]["progress"] == "100%"
     assert vp["status"]["methods"] == "internal,host"
+    host = [e for e in vp["status"]["targets"][0]["extents"] if e["method"] == "host"]
+    assert host and all(e["bytesWritten"] > 0 for e in host), "bytesWritten of host extents (issue 12 item 7)"
+    assert all(e["verifyMethod"] == "blake2b-256" and e["verifyResult"] == "match" for e in host)
     reasons = {e.get("reason") for e in api.objects("events.k8s.io", "events", "default")}
     assert {"CopyStarted", "CopyComplete"} <= reasons
     assert api.find("coordination.k8s.io", "leases", "csi-virtvol-controller", NS) is not None

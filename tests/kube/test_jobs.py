@@ -47,6 +47,7 @@ GOLDEN: dict[str, Any] = {
             "virtvol.csi.example.org/target": "vol-2",
             "virtvol.csi.example.org/src": "/dev/disk/by-path/ip-10.0.0.1:3260-iscsi-iqn.x-lun-1:0:1073741824",
             "virtvol.csi.example.org/dst": "/var/lib/virtvol/pools/gold/l7.img:4096",
+            "virtvol.csi.example.org/checkpoint": "",
         },
     },
     "spec": {
@@ -77,10 +78,12 @@ GOLDEN: dict[str, Any] = {
                              "--dst", "/var/lib/virtvol/pools/gold/l7.img:4096",
                              "--resume-from", "auto", "--progress",
                              "--progress-file", "/var/lib/csi-virtvol/copy/copy-p1-1-abc.json",
+                             "--result-file", "/dev/termination-log",
                              "--bwlimit", "104857600"],
                     "securityContext": {"privileged": True, "allowPrivilegeEscalation": True, "runAsUser": 0},
                     "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
                                   "limits": {"cpu": "1", "memory": "256Mi"}},
+                    "terminationMessagePath": "/dev/termination-log",
                     "terminationMessagePolicy": "FallbackToLogsOnError",
                     "volumeMounts": [
                         {"name": "host-0", "mountPath": "/dev", "mountPropagation": "HostToContainer"},

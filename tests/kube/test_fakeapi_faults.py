@@ -1,0 +1,46 @@
+"""The fake API server's injected faults and Job retries (issue 12), through the real client."""
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes.client as k8s
+import pytest
+import urllib3
+
+from fakeapi import FakeApiServer
+
+NS = "csi-virtvol"
+
+
+def _pod(api: FakeApiServer, name: str) -> None:
+    api.put("", "pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
+                         "spec": {"containers": [{"name": "copy", "image": "i"}]}}, NS)
+
+
+def test_injected_5xx_and_connection_errors_on_pod_logs(fake_api: FakeApiServer, client: Any) -> None:
+    core = k8s.CoreV1Api(client)
+    _pod(fake_api, "p")
+    fake_api.set_pod_log(NS, "p", "one\ntwo\nthree\n")
+    fake_api.inject_fault("GET", r"/pods/p/log$", code=500, times=1)
+    with pytest.raises(k8s.ApiException) as e:
+        core.read_namespaced_pod_log("p", NS)
+    assert e.value.status == 500 and "connection refused" in str(e.value.body)
+    fake_api.inject_fault("GET", r"/pods/p/log$", drop=True, times=10)  # more than urllib3's own retries
+    with pytest.raises((urllib3.exceptions.HTTPError, OSError)):
+        core.read_namespaced_pod_log("p", NS, _request_timeout=5)
+    fake_api.clear_faults()
+    assert core.read_namespaced_pod_log("p", NS) == "one\ntwo\nthree\n"
+    assert core.read_namespaced_pod_log("p", NS, tail_lines=1) == "three\n"
+    assert core.read_namespaced_pod_log("p", NS, tail_lines=2, limit_bytes=5) == "two\nt"
+
+
+def test_a_job_retried_under_the_same_name_gets_a_new_uid(fake_api: FakeApiServer, client: Any) -> None:
+    batch = k8s.BatchV1Api(client)
+    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": NS},
+            "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "copy", "image": "i"}]}}}}
+    first = batch.create_namespaced_job(NS, body)
+    _pod(fake_api, "j-old")
+    again = fake_api.recreate_job("j", NS)
+    assert again["metadata"]["uid"] != first.metadata.uid and again["metadata"]["name"] == "j"
+    assert fake_api.find("", "pods", "j-old", NS) is not None, "the old Job's pods are still there"
