@@ -211,7 +211,8 @@ class FuseComposer:
         return CutView(cut_id=str(answer["id"]), path=os.path.join(_paths(workdir)[3], layout.CONCAT_CUT_PREFIX
                                                                     + str(answer["id"])),
                        size=int(str(answer["size"])), limit=int(str(answer["limit"])),
-                       used=int(str(answer["used"])), full=bool(answer["full"]))
+                       used=int(str(answer["used"])), full=bool(answer["full"]),
+                       at=float(str(answer.get("at", 0.0))))
 
     def begin_cut(self, *, workdir: str, name: str, cut_id: str, store_limit: int, hold: bool) -> CutView:
         view = self._view(workdir, self._ctl(workdir, name, {"op": "cut", "id": cut_id,

@@ -303,7 +303,8 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
                     self._hold()
                     try:
                         t0 = time.monotonic()
-                        store = cow.CowStore.create(self._workdir, cut_id=cut_id, size=self.size, limit=limit)
+                        store = cow.CowStore.create(self._workdir, cut_id=cut_id, size=self.size, limit=limit,
+                                                    at=time.time())
                         track = cow.Bitmap(cow.bitmap_path(self._workdir, cut_id), size=self.size)
                         track.sync()
                         with self._cow_lock:
@@ -361,7 +362,7 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
         if c is None:
             return {"id": cut_id, "exists": False, "tracking": cut_id in self._tracks}
         return {"id": cut_id, "exists": True, "view": "/" + CUT_PREFIX + cut_id, "size": c.meta.size,
-                "limit": c.meta.limit, "used": c.used, "full": c.full,
+                "limit": c.meta.limit, "used": c.used, "full": c.full, "at": c.meta.at,
                 "tracking": cut_id in self._tracks}
 
     # -- FUSE --------------------------------------------------------------------------

@@ -84,9 +84,10 @@ class CutMeta:
     id: str
     size: int    # the volume's size at the cut: the frozen view's size
     limit: int   # bytes the copy-on-write store may grow to
+    at: float = 0.0  # wall clock at the cut, taken while the writes were held
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "size": self.size, "limit": self.limit, "chunk": CHUNK}
+        return {"id": self.id, "size": self.size, "limit": self.limit, "chunk": CHUNK, "at": self.at}
 
     @classmethod
     def load(cls, path: str) -> CutMeta:
@@ -94,7 +95,7 @@ class CutMeta:
             d = json.load(f)
         if int(d.get("chunk", CHUNK)) != CHUNK:
             raise errors.BackendError(f"{path}: chunk size {d.get('chunk')} is not {CHUNK}")
-        return cls(id=str(d["id"]), size=int(d["size"]), limit=int(d["limit"]))
+        return cls(id=str(d["id"]), size=int(d["size"]), limit=int(d["limit"]), at=float(d.get("at", 0.0)))
 
 
 def _fsync_dir(path: str) -> None:
@@ -119,7 +120,7 @@ class CowStore:
         self._load()
 
     @classmethod
-    def create(cls, workdir: str, *, cut_id: str, size: int, limit: int) -> CowStore:
+    def create(cls, workdir: str, *, cut_id: str, size: int, limit: int, at: float) -> CowStore:
         """Make the cut's directory atomically (written as .tmp, then renamed)."""
         final = cut_dir(workdir, cut_id)
         if os.path.isdir(final):
@@ -129,7 +130,7 @@ class CowStore:
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        meta = CutMeta(id=cut_id, size=size, limit=limit)
+        meta = CutMeta(id=cut_id, size=size, limit=limit, at=at)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta.to_dict(), f)
             f.flush()

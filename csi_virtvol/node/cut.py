@@ -37,6 +37,7 @@ class CutView:
     limit: int      # bytes the copy-on-write store may take
     used: int       # bytes it takes now
     full: bool      # it filled up: the cut is lost (the volume is untouched)
+    at: float = 0.0  # the instant of the cut (wall clock, taken while the writes were held)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,7 +35,7 @@ from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
 from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import failpoints, tracking
+from csi_virtvol.services import cut, failpoints, tracking
 from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
@@ -47,9 +47,9 @@ from csi_virtvol.store.base import StateStore
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned extents may use"}
+SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned extents may use",
+                 cut.STORE_KEY: "the most the copy-on-write store of a live cut may take on the node"}
 ORPHAN_AGE = 60.0       # a target recorded this long ago with no pair was left by a crash
-FREEZE_WAIT = 30.0      # seconds a node has to hold a published source's writes
 POLL = 0.2
 
 
@@ -301,22 +301,31 @@ class SnapshotService:
         elif len(source.extents) == 1 and not host_copies:
             fence = Fence.NONE  # one reflink clone is atomic: no need to hold writes
         else:
-            fence = Fence.FREEZE_REQUESTED
-        pair = self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
+            fence = Fence.CUT_REQUESTED  # a live cut: writes held for an instant (services/cut.py)
+        made = False
+        if fence is Fence.CUT_REQUESTED:
+            def clones() -> None:
+                nonlocal made
+                self._make_luns(source, target)
+                made = True
+            clone_rows = any(e.method is CopyMethod.INTERNAL for e in pair.targets[0].extents)
+            pair = cut.cut_at_one_instant(self._store, [cut.Member(pair=pair.id, node=attached[0].node)],
+                                          while_held=clones if clone_rows else None)[0]
+        else:
+            pair = self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
         if fence is Fence.PROHIBITED:
             self._set_lun_states(source, LunState.ACCESS_PROHIBITED)
             # a publish may have slipped in before the LUNs were fenced
             if self._store_volume(source.id).attachments:
                 self._set_lun_states(source, LunState.IN_USE)
                 raise errors.OperationPending(f"volume {source.id} was published meanwhile; try again")
-        elif fence is Fence.FREEZE_REQUESTED:
-            self._wait_frozen(pair_id)
         failpoints.hit("copy-fenced")
-        self._make_luns(source, target)
+        if not made:
+            self._make_luns(source, target)
         tracking.start(self._arrays, pair)  # from the cut on, for a differential resync
         failpoints.hit("copy-luns-made")
         def mark(p: Pair) -> Pair:
-            return dataclasses.replace(p, cut_at=time.time())
+            return dataclasses.replace(p, cut_at=p.cut_time or time.time())
         self._update_pair(pair_id, mark)
 
     def _kind_of(self, vid: str) -> VolumeKind:
@@ -327,21 +336,6 @@ class SnapshotService:
         if rec is None:
             raise errors.NotFound(f"{vid} does not exist")
         return rec.value
-
-    def _wait_frozen(self, pair_id: str) -> None:
-        deadline = time.monotonic() + FREEZE_WAIT
-        while time.monotonic() < deadline:
-            rec = self._store.get(S.PAIRS, pair_id)
-            if rec is None:
-                raise errors.NotFound(f"pair {pair_id} vanished")
-            if rec.value.fence is Fence.FROZEN:
-                return
-            if rec.value.fence is Fence.REFUSED:
-                raise errors.PreconditionFailed(
-                    f"the node holding the source could not freeze it: {rec.value.fence_message}")
-            time.sleep(POLL / 2)
-        raise errors.OperationPending(
-            f"node {pair_id} did not freeze the source within {FREEZE_WAIT:.0f}s; try again")
 
     def _set_fence(self, pair_id: str, fence: Fence, *, node: str = "", message: str = "") -> Pair:
         def change(p: Pair) -> Pair:
@@ -481,8 +475,10 @@ class SnapshotService:
         src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
         dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
         job = f"{vid}-{row.index}"
-        copy = HostCopy(job=job, pair=vid, index=row.index, node=self._copy_node(step),
-                        src=src, src_offset=step.source.offset, dst=dst,
+        src, src_offset, node = cut.source_for(self._update_pair(vid, lambda p: p), volume_offset=step.offset) \
+            or (src, step.source.offset, self._copy_node(step))
+        copy = HostCopy(job=job, pair=vid, index=row.index, node=node,
+                        src=src, src_offset=src_offset, dst=dst,
                         dst_offset=step.target_extent.offset, length=step.length,
                         bwlimit=self._bwlimit(source), only_changed=only_changed,
                         # a snapshot is never written by anyone else, so a manifest of its pages
@@ -493,6 +489,7 @@ class SnapshotService:
         self._runner.start(copy)
         last = -1
         while not stop.wait(POLL):
+            cut.check(self._store, vid)
             st = self._runner.poll(job)
             if st.bytes_done != last:
                 last = st.bytes_done
@@ -588,7 +585,7 @@ class SnapshotService:
                 self._set_lun_states(self._store_volume(pair.source), LunState.IN_USE)
             except errors.NotFound:
                 pass
-        if pair.fence in (Fence.PROHIBITED, Fence.FREEZE_REQUESTED, Fence.FROZEN):
+        if pair.fence in (Fence.PROHIBITED, Fence.FREEZE_REQUESTED, Fence.FROZEN, *cut.LIVE):
             self._set_fence(pair.id, Fence.RELEASED)
 
     def _finish(self, vid: str) -> None:
