@@ -36,6 +36,7 @@ class HostCopy:
     bwlimit: int = 0
     only_changed: bool = False  # resync: write only what differs from the target
     checksums: bool = False     # keep a page-digest manifest of the target (snapshot targets only)
+    changed_map: str = ""       # a bitmap of the source's chunks written since the last copy (live cuts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +94,8 @@ class LocalCopyRunner:
             argv += ["--bwlimit", str(copy.bwlimit)]
         if copy.only_changed:
             argv.append("--only-changed")
+        if copy.changed_map:
+            argv += ["--changed-map", copy.changed_map]
         if copy.checksums:
             argv += ["--checksums", self._sums(copy.job)]
         with open(self._log(copy.job), "ab") as out:

@@ -98,6 +98,7 @@ class Pair:
     cut_view: str = ""   # the cut's frozen view on fence_node (a file read at volume offsets)
     cut_time: float = 0.0    # the instant of the cut, by the node's clock
     since_cut: str = ""  # the cut whose change tracking a resync copies from
+    cut_changed: str = ""    # on fence_node: the bitmap of what was written between since_cut and cut_id
 
     @property
     def state(self) -> PairState:

@@ -212,10 +212,11 @@ class FuseComposer:
                                                                     + str(answer["id"])),
                        size=int(str(answer["size"])), limit=int(str(answer["limit"])),
                        used=int(str(answer["used"])), full=bool(answer["full"]),
-                       at=float(str(answer.get("at", 0.0))))
+                       at=float(str(answer.get("at", 0.0))), changed=str(answer.get("changed", "")))
 
-    def begin_cut(self, *, workdir: str, name: str, cut_id: str, store_limit: int, hold: bool) -> CutView:
-        view = self._view(workdir, self._ctl(workdir, name, {"op": "cut", "id": cut_id,
+    def begin_cut(self, *, workdir: str, name: str, cut_id: str, store_limit: int, hold: bool,
+                  since: str = "") -> CutView:
+        view = self._view(workdir, self._ctl(workdir, name, {"op": "cut", "id": cut_id, "since": since,
                                                              "limit": store_limit, "hold": hold}))
         if view is None:
             raise errors.BackendError(f"{name}: the daemon made no cut {cut_id}")

@@ -307,6 +307,9 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
                                                     at=time.time())
                         track = cow.Bitmap(cow.bitmap_path(self._workdir, cut_id), size=self.size)
                         track.sync()
+                        since = str(req.get("since") or "")
+                        if since and since in self._tracks:  # written between that cut and this one
+                            cow.write_file(os.path.join(store.dir, "changed.bitmap"), self._tracks[since].bits())
                         with self._cow_lock:
                             self._tracks = {**self._tracks, cut_id: track}
                             self._cuts = {**self._cuts, cut_id: store}
@@ -331,28 +334,28 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
             if op == "end":
                 cut_id = cow.check_cut_id(str(req["id"]))
                 with self._cow_lock:
-                    store = self._cuts.get(cut_id)
+                    ending = self._cuts.get(cut_id)
                     self._cuts = {k: v for k, v in self._cuts.items() if k != cut_id}
-                if store is not None:
-                    store.remove()
+                if ending is not None:
+                    ending.remove()
                 else:
                     shutil.rmtree(cow.cut_dir(self._workdir, cut_id), ignore_errors=True)
                 return {}
             if op == "untrack":
                 cut_id = cow.check_cut_id(str(req["id"]))
                 with self._cow_lock:
-                    track = self._tracks.get(cut_id)
+                    dropping = self._tracks.get(cut_id)
                     self._tracks = {k: v for k, v in self._tracks.items() if k != cut_id}
-                if track is not None:
-                    track.remove()
+                if dropping is not None:
+                    dropping.remove()
                 return {}
             if op == "changed":
                 cut_id = cow.check_cut_id(str(req["id"]))
-                track = self._tracks.get(cut_id)
-                if track is None:
+                tracked = self._tracks.get(cut_id)
+                if tracked is None:
                     raise KeyError(f"nothing tracks the writes since cut {cut_id}")
                 return {"chunk": cow.CHUNK, "size": self.size,
-                        "bits": base64.b64encode(track.bits()).decode()}
+                        "bits": base64.b64encode(tracked.bits()).decode()}
             if op == "list":
                 return {"cuts": sorted(self._cuts), "tracking": sorted(self._tracks)}
             raise ValueError(f"unknown control command {op!r}")
@@ -363,6 +366,8 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
             return {"id": cut_id, "exists": False, "tracking": cut_id in self._tracks}
         return {"id": cut_id, "exists": True, "view": "/" + CUT_PREFIX + cut_id, "size": c.meta.size,
                 "limit": c.meta.limit, "used": c.used, "full": c.full, "at": c.meta.at,
+                "changed": os.path.join(c.dir, "changed.bitmap")
+                if os.path.exists(os.path.join(c.dir, "changed.bitmap")) else "",
                 "tracking": cut_id in self._tracks}
 
     # -- FUSE --------------------------------------------------------------------------

@@ -98,6 +98,13 @@ class CutMeta:
         return cls(id=str(d["id"]), size=int(d["size"]), limit=int(d["limit"]), at=float(d.get("at", 0.0)))
 
 
+def write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

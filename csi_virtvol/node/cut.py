@@ -38,6 +38,8 @@ class CutView:
     used: int       # bytes it takes now
     full: bool      # it filled up: the cut is lost (the volume is untouched)
     at: float = 0.0  # the instant of the cut (wall clock, taken while the writes were held)
+    changed: str = ""  # with begin_cut(since=X): a bitmap (one bit per CHUNK of the volume) of
+                       # what was written between cut X and this one, fixed at the cut
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,7 +60,7 @@ class Changed:
 @runtime_checkable
 class CutCapable(Protocol):
     def begin_cut(self, *, workdir: str, name: str, cut_id: str, store_limit: int,
-                  hold: bool) -> CutView: ...
+                  hold: bool, since: str = "") -> CutView: ...
 
     def release(self, *, workdir: str, name: str) -> None: ...
 

@@ -373,7 +373,8 @@ class Stager:
             raise errors.UnsupportedCapability(f"the {rec.composer} composition of {volume_id} cannot cut")
         return rec, self._composer, self._workdir(volume_id)
 
-    def begin_cut(self, volume_id: str, cut_id: str, *, store_limit: int, hold: bool = False) -> CutView:
+    def begin_cut(self, volume_id: str, cut_id: str, *, store_limit: int, hold: bool = False,
+                  since: str = "") -> CutView:
         """Cut the volume's image at this instant.  A mounted filesystem is frozen (its
         acknowledged writes flushed, new ones held) only around the composition's cut.  With
         `hold`, the writes stay held until release_cut (a cut of several volumes)."""
@@ -384,7 +385,7 @@ class Stager:
             frozen = True
         try:
             view = cutter.begin_cut(workdir=workdir, name=volume_id, cut_id=cut_id,
-                                    store_limit=store_limit, hold=hold)
+                                    store_limit=store_limit, hold=hold, since=since)
         except BaseException:
             if frozen:
                 self._thaw(rec.staging_path)

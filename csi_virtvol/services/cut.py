@@ -112,10 +112,8 @@ def cut_at_one_instant(store: StateStore, members: Sequence[Member], *,
     want = Fence.CUT_HELD if hold else Fence.CUT
     try:
         for m in members:
-            cid = new_cut_id(m.pair)
-            _update(store, m.pair, lambda p, cid=cid, node=m.node: dataclasses.replace(
-                p, fence=Fence.CUT_REQUESTED, fence_node=node, fence_message="", cut_id=cid, cut_hold=hold,
-                cut_view="", cut_time=0.0))
+            request = _requester(cut_id=new_cut_id(m.pair), node=m.node, hold=hold)
+            _update(store, m.pair, request)
         pairs = {m.pair: _await(store, m.pair, want, timeout) for m in members}
         if while_held is not None:
             while_held()
@@ -127,6 +125,13 @@ def cut_at_one_instant(store: StateStore, members: Sequence[Member], *,
         raise
     log.info("cut %s at one instant", ", ".join(str(m.pair) for m in members))
     return [pairs[m.pair] for m in members]
+
+
+def _requester(*, cut_id: str, node: str, hold: bool) -> Callable[[Pair], Pair]:
+    def request(p: Pair) -> Pair:
+        return dataclasses.replace(p, fence=Fence.CUT_REQUESTED, fence_node=node, fence_message="", cut_id=cut_id,
+                                   cut_hold=hold, cut_view="", cut_time=0.0, cut_changed="")
+    return request
 
 
 def _await(store: StateStore, pair_id: str, want: Fence, timeout: float) -> Pair:
@@ -161,11 +166,13 @@ def check(store: StateStore, pair_id: str) -> None:
         raise errors.PreconditionFailed(rec.value.fence_message or "the node gave up the cut")
 
 
-def source_for(pair: Pair, *, volume_offset: int) -> tuple[str, int, str] | None:
+def source_for(pair: Pair, *, volume_offset: int) -> tuple[str, int, str, str] | None:
     """Where a host copy of `pair` reads a piece at `volume_offset` of the source: (path,
-    offset, node) in the cut's frozen view, or None when the pair has no live cut."""
+    offset, node, changed map) in the cut's frozen view, or None when the pair has no live
+    cut.  The changed map (resyncs only, "" otherwise) marks the chunks written since the
+    pair's last copy: the copy reads and writes only those."""
     if pair.fence is Fence.CUT and pair.cut_view:
-        return pair.cut_view, volume_offset, pair.fence_node
+        return pair.cut_view, volume_offset, pair.fence_node, pair.cut_changed
     return None
 
 
@@ -284,7 +291,8 @@ class CutKeeper:
         if pair.cut_hold:
             self._held[pair.id] = (pair.source, time.monotonic())
         try:
-            view = self._stager.begin_cut(pair.source, pair.cut_id, store_limit=limit, hold=pair.cut_hold)
+            view = self._stager.begin_cut(pair.source, pair.cut_id, store_limit=limit, hold=pair.cut_hold,
+                                          since=pair.since_cut)
         except BaseException:
             self._held.pop(pair.id, None)
             raise
@@ -292,7 +300,7 @@ class CutKeeper:
         log.info("pair %s: cut %s of %s (%s)%s", pair.id, pair.cut_id, pair.source, view.path,
                  ", writes held" if pair.cut_hold else "")
         self._answer(pair.id, fence=Fence.CUT_HELD if pair.cut_hold else Fence.CUT, cut_view=view.path,
-                     cut_time=view.at or time.time(), fence_message="")
+                     cut_time=view.at or time.time(), cut_changed=view.changed, fence_message="")
 
     def _give_up(self, pair: Pair, reason: str) -> None:
         if self._held.pop(pair.id, None) is not None:

@@ -475,9 +475,10 @@ class SnapshotService:
         src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
         dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
         job = f"{vid}-{row.index}"
-        src, src_offset, node = cut.source_for(self._update_pair(vid, lambda p: p), volume_offset=step.offset) \
-            or (src, step.source.offset, self._copy_node(step))
-        copy = HostCopy(job=job, pair=vid, index=row.index, node=node,
+        src, src_offset, node, changed = cut.source_for(self._update_pair(vid, lambda p: p),
+                                                        volume_offset=step.offset) \
+            or (src, step.source.offset, self._copy_node(step), "")
+        copy = HostCopy(job=job, pair=vid, index=row.index, node=node, changed_map=changed,
                         src=src, src_offset=src_offset, dst=dst,
                         dst_offset=step.target_extent.offset, length=step.length,
                         bwlimit=self._bwlimit(source), only_changed=only_changed,
@@ -655,6 +656,7 @@ class SnapshotService:
             rows = tuple(dataclasses.replace(r, state=ExtentCopyState.PENDING, bytes_done=0, bytes_written=0)
                          for r in t.extents)
             fresh = dataclasses.replace(pair, fence=Fence.NONE, fence_node="", fence_message="", cut_at=0.0,
+                                        since_cut=pair.cut_id if pair.fence is not Fence.REFUSED else "",
                                         targets=(dataclasses.replace(t, state=PairState.RESYNCING, extents=rows,
                                                                      started_at=time.time(), ended_at=0.0,
                                                                      reason=""),))
