@@ -108,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the target range already reads as zeros: skip writing zeros")
     p.add_argument("--only-changed", action="store_true",
                    help="resync: write only the pages that differ from the target")
+    p.add_argument("--changed-map", default="", metavar="BITMAP",
+                   help="copy only the 64 KiB chunks of the source set in this bitmap (a live cut's "
+                        "record of what was written since the last copy)")
     p.add_argument("--checksums", default="",
                    help="a page-digest manifest of the target: written after a copy, and with "
                         "--only-changed used to resync reading the source only")
@@ -218,7 +221,7 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     opts = engine.CopyOptions(
         chunk_size=args.chunk_size, direct=not args.no_direct,
         zero_copy=not args.no_zero_copy, sparse=not args.no_sparse,
-        target_zeroed=args.target_zeroed, only_changed=args.only_changed, checksums=args.checksums, verify=args.verify, bwlimit=args.bwlimit,
+        target_zeroed=args.target_zeroed, only_changed=args.only_changed, checksums=args.checksums, changed_map=args.changed_map, verify=args.verify, bwlimit=args.bwlimit,
         checkpoint_bytes=args.checkpoint_bytes,
         checkpoint_seconds=(args.checkpoint_seconds if args.checkpoint_seconds is not None
                             else (0.5 if tty and args.progress else 2.0)))

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 DEFAULT_CHUNK = 4 * MiB
+CHANGED_GRAIN = 64 * 1024  # the chunk of a changed_map (node/cut.CHUNK)
 DEFAULT_ALIGN = 4096
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -94,6 +95,8 @@ class CopyOptions:
     only_changed: bool = False         # resync: write only the pages that differ from the target
     checksums: str = ""                # a manifest of the target's page digests (copy/sums.py): with
                                        # only_changed, read only the source; always kept up to date
+    changed_map: str = ""              # a bitmap, bit i = source bytes [i*64 KiB, (i+1)*64 KiB) written
+                                       # since the target was last copied: copy only those (live cuts)
     verify: bool = False
     bwlimit: int | None = None         # bytes per second (data read), None = unlimited
     checkpoint_bytes: int = 256 * MiB
@@ -466,9 +469,30 @@ class _Copy:
 
     # plans ---------------------------------------------------------------------------
 
-    def _pieces(self) -> Iterator[tuple[int, int, bool]]:
-        """Range-relative (pos, length, is_data), data split into chunks aligned
-        on the source's absolute offsets."""
+    def _pieces(self) -> Iterator[tuple[int, int, bool | None]]:
+        """Range-relative (pos, length, is_data), data split into chunks aligned on the
+        source's absolute offsets; is_data None: unchanged since the last copy (changed_map)."""
+        if not self.opt.changed_map:
+            yield from self._all_pieces()
+            return
+        with open(self.opt.changed_map, "rb") as f:
+            bits = f.read()
+        grain = CHANGED_GRAIN
+        for pos, n, is_data in self._all_pieces():
+            a, end = self.so + pos, self.so + pos + n
+            while a < end:
+                k = a // grain
+                on = k // 8 < len(bits) and bool(bits[k // 8] & (1 << (k % 8)))
+                b = min(end, (k + 1) * grain)
+                while b < end:  # extend over chunks in the same state
+                    k2 = b // grain
+                    if (k2 // 8 < len(bits) and bool(bits[k2 // 8] & (1 << (k2 % 8)))) != on:
+                        break
+                    b = min(end, (k2 + 1) * grain)
+                yield (a - self.so, b - a, is_data if on else None)
+                a = b
+
+    def _all_pieces(self) -> Iterator[tuple[int, int, bool]]:
         a, b = self.so + self.start, self.so + self.length
         segs: Iterator[tuple[int, int, bool]]
         if self.opt.sparse and self.src.is_file:
@@ -495,6 +519,7 @@ class _Copy:
 
     def run(self) -> None:
         if (self.opt.zero_copy and not self.opt.only_changed and not self.opt.checksums
+                and not self.opt.changed_map
                 and self.src.is_file and self.dst.is_file):
             if self._run_zero_copy():
                 self.used_zero_copy = True
@@ -519,6 +544,9 @@ class _Copy:
                 for pos, n, is_data in self._pieces():
                     if stop.is_set() or self.cancel.is_set():
                         break
+                    if is_data is None:
+                        full.put(_Item(kind="same", pos=pos, length=n))
+                        continue
                     if not is_data:
                         full.put(_Item(kind="hole", pos=pos, length=n))
                         continue
@@ -578,6 +606,8 @@ class _Copy:
                     finally:
                         data.release()
                     free.put(item.buf)
+                elif item.kind == "same":
+                    self.unchanged += item.length
                 elif self.sums is not None and self.sums_trusted:
                     if self.sums.set_zero(item.pos, item.length):
                         self._hole(item.pos, item.length)
@@ -604,7 +634,7 @@ class _Copy:
         at the first call (EXDEV, ENOSYS, ...), so the caller falls back."""
         done = self.start
         first = True
-        for pos, n, is_data in self._pieces():
+        for pos, n, is_data in self._all_pieces():
             if self.cancel.is_set():
                 raise self._cancelled(done)
             if not is_data:

@@ -39,6 +39,7 @@ class HostCopy:
     checksums: bool = False     # keep a page-digest manifest of the target (snapshot targets only)
     checkpoint_id: str = ""     # copy/checkpoint.py: resume only from this attempt's own checkpoint
     verify: bool = False        # re-read source and target and compare them before reporting done
+    changed_map: str = ""       # a bitmap of the source's chunks written since the last copy (live cuts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +79,8 @@ def copy_args(copy: HostCopy, *, progress_file: str, sums_file: str) -> list[str
         argv += ["--bwlimit", str(copy.bwlimit)]
     if copy.only_changed:
         argv.append("--only-changed")
+    if copy.changed_map:
+        argv += ["--changed-map", copy.changed_map]
     if copy.checksums:
         argv += ["--checksums", sums_file]
     return argv

@@ -68,6 +68,11 @@ class Fence(enum.Enum):
     FREEZE_REQUESTED -> FROZEN -> RELEASED: the source is in use on
     `fence_node`; that node's plugin holds its writes (fsfreeze) while the
     image is cut, and lets them go when the controller says RELEASED.
+    CUT_REQUESTED -> [CUT_HELD ->] CUT -> RELEASED: a live cut (services/cut.py): the
+    node holds the writes only for the instant, makes a copy-before-write cut named
+    `cut_id` and answers with its frozen view (`cut_view`); CUT_HELD keeps the writes held
+    until the controller says CUT (clones, or other volumes, cut at the same instant).
+    A node that cannot cut answers FROZEN instead (the FREEZE protocol).
     """
 
     NONE = "none"
@@ -76,6 +81,9 @@ class Fence(enum.Enum):
     FROZEN = "frozen"
     RELEASED = "released"
     REFUSED = "refused"
+    CUT_REQUESTED = "cut-requested"
+    CUT_HELD = "cut-held"
+    CUT = "cut"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +95,12 @@ class Pair:
     fence_node: str = ""
     fence_message: str = ""
     cut_at: float = 0.0  # when the point-in-time image was fixed (0: not yet)
+    cut_id: str = ""     # the live cut the node made for this pair (services/cut.py)
+    cut_hold: bool = False   # the node keeps the writes held after the cut, until CUT
+    cut_view: str = ""   # the cut's frozen view on fence_node (a file read at volume offsets)
+    cut_time: float = 0.0    # the instant of the cut, by the node's clock
+    since_cut: str = ""  # the cut whose change tracking a resync copies from
+    cut_changed: str = ""    # on fence_node: the bitmap of what was written between since_cut and cut_id
 
     @property
     def state(self) -> PairState:

@@ -46,9 +46,20 @@ class Composer(Protocol):
         ...
 
 
+def _has_dm() -> bool:
+    """Whether the kernel answers on /dev/mapper/control: the node may exist (dmsetup makes
+    it) where the kernel has no device-mapper, and then opening it fails with ENODEV."""
+    try:
+        fd = os.open(DM_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 def resolve_kind(kind: Kind = "auto") -> Literal["fuse", "dm"]:
     if kind == "auto":
-        return "dm" if os.path.exists(DM_CONTROL) else "fuse"
+        return "dm" if _has_dm() else "fuse"
     if kind not in ("fuse", "dm"):
         raise errors.InvalidRequest(f"unknown composer {kind!r}")
     return kind

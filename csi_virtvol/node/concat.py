@@ -11,9 +11,13 @@ find it again lives in the workdir:
     workdir/loop.json     that loop device's name: if the daemon dies, fusermount3 detaches
                           the mount and the loop's backing path reads "/volume", so it
                           cannot be found by path any more
+    workdir/mnt/.ctl      the daemon's control file: live cuts (node/cut.py), each cut's
+                          frozen view at workdir/mnt/cut-<id>, its copy-on-write store and
+                          tracking bitmap under workdir/cuts and workdir/tracking (node/cow.py)
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 
 from csi_virtvol import errors
 from csi_virtvol.node import devices, fs, layout
+from csi_virtvol.node.cut import Changed, CutView
 from csi_virtvol.node.layout import BackingExtent
 
 logger = logging.getLogger(__name__)
@@ -167,6 +172,76 @@ class FuseComposer:
         if not devices.find_all(file):
             return f"no loop device sits on the concatenation of {name}"
         return None
+
+    # -- live cuts (node/cut.CutCapable) ---------------------------------------------------
+
+    def _ctl(self, workdir: str, name: str, req: dict[str, object]) -> dict[str, object]:
+        mnt = _paths(workdir)[3]
+        if daemon_pid(workdir) is None or not _serving(mnt):
+            raise errors.PreconditionFailed(f"the concatenation daemon of {name} is not running")
+        try:
+            fd = os.open(os.path.join(mnt, layout.CONCAT_CTL_NAME), os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise errors.PreconditionFailed(f"the daemon of {name} takes no commands: {e.strerror}") from e
+        try:
+            os.write(fd, json.dumps(req).encode())
+            out = b""
+            while True:
+                got = os.pread(fd, 1 << 20, len(out))
+                if not got:
+                    break
+                out += got
+        except OSError as e:
+            raise errors.BackendError(f"the daemon of {name} failed {req.get('op')}: {e}") from e
+        finally:
+            os.close(fd)
+        answer = json.loads(out)
+        if not isinstance(answer, dict):
+            raise errors.BackendError(f"the daemon of {name} answered {answer!r}")
+        if "error" in answer:
+            if answer.get("kind") == "KeyError":
+                raise errors.NotFound(f"{name}: {answer['error']}")
+            raise errors.BackendError(f"{name}: {req.get('op')} failed: {answer['error']}")
+        return answer
+
+    @staticmethod
+    def _view(workdir: str, answer: dict[str, object]) -> CutView | None:
+        if not answer.get("exists"):
+            return None
+        return CutView(cut_id=str(answer["id"]), path=os.path.join(_paths(workdir)[3], layout.CONCAT_CUT_PREFIX
+                                                                    + str(answer["id"])),
+                       size=int(str(answer["size"])), limit=int(str(answer["limit"])),
+                       used=int(str(answer["used"])), full=bool(answer["full"]),
+                       at=float(str(answer.get("at", 0.0))), changed=str(answer.get("changed", "")))
+
+    def begin_cut(self, *, workdir: str, name: str, cut_id: str, store_limit: int, hold: bool,
+                  since: str = "") -> CutView:
+        view = self._view(workdir, self._ctl(workdir, name, {"op": "cut", "id": cut_id, "since": since,
+                                                             "limit": store_limit, "hold": hold}))
+        if view is None:
+            raise errors.BackendError(f"{name}: the daemon made no cut {cut_id}")
+        return view
+
+    def release(self, *, workdir: str, name: str) -> None:
+        self._ctl(workdir, name, {"op": "release"})
+
+    def cut_status(self, *, workdir: str, name: str, cut_id: str) -> CutView | None:
+        return self._view(workdir, self._ctl(workdir, name, {"op": "status", "id": cut_id}))
+
+    def end_cut(self, *, workdir: str, name: str, cut_id: str) -> None:
+        self._ctl(workdir, name, {"op": "end", "id": cut_id})
+
+    def changed(self, *, workdir: str, name: str, since: str) -> Changed:
+        a = self._ctl(workdir, name, {"op": "changed", "id": since})
+        return Changed(chunk=int(str(a["chunk"])), size=int(str(a["size"])),
+                       bits=base64.b64decode(str(a["bits"])))
+
+    def drop_tracking(self, *, workdir: str, name: str, since: str) -> None:
+        self._ctl(workdir, name, {"op": "untrack", "id": since})
+
+    def cuts(self, *, workdir: str, name: str) -> tuple[list[str], list[str]]:
+        a = self._ctl(workdir, name, {"op": "list"})
+        return [str(c) for c in a["cuts"]], [str(t) for t in a["tracking"]]  # type: ignore[attr-defined]
 
     # -- the daemon ----------------------------------------------------------------------
 

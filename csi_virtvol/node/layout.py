@@ -16,6 +16,8 @@ from csi_virtvol import errors
 
 SECTOR = 512
 CONCAT_FILE_NAME = "volume"  # the one file the concatenation daemon serves
+CONCAT_CTL_NAME = ".ctl"     # its control file (live cuts)
+CONCAT_CUT_PREFIX = "cut-"   # its frozen views: cut-<cut id>
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,6 +6,8 @@
     expand    grow the device online to the new extents, then the filesystem
     unpublish / unstage  undo; what is already gone is fine
     stats / condition    NodeGetVolumeStats
+    begin_cut ... drop_tracking   live cuts of a staged volume (node/cut.py): the
+              filesystem is frozen (fsfreeze) only around the composition's cut
 
 A JSON record per staged volume under state_dir/volumes/ lets unstage and expand work
 after a plugin restart.  Every step is idempotent: a stage retried after a crash halfway
@@ -27,7 +29,8 @@ from typing import Any, Literal
 
 from csi_virtvol import errors
 from csi_virtvol.node import composer as composing
-from csi_virtvol.node import devices, fs, layout
+from csi_virtvol.node import commands, devices, fs, layout
+from csi_virtvol.node.cut import Changed, CutCapable, CutView
 from csi_virtvol.node.fs import VolumeStats
 from csi_virtvol.node.layout import BackingExtent
 
@@ -355,6 +358,84 @@ class Stager:
             pass
         except OSError as e:
             raise errors.BackendError(f"cannot remove {target_path}: {e}") from e
+
+    # -- live cuts ---------------------------------------------------------------------------------
+
+    @property
+    def can_cut(self) -> bool:
+        return isinstance(self._composer, CutCapable)
+
+    def _cutter(self, volume_id: str) -> tuple[StagedVolume, CutCapable, str]:
+        rec = self.get(volume_id)
+        if rec is None or rec.phase != "staged":
+            raise errors.NotFound(f"volume {volume_id} is not staged on this node")
+        if not isinstance(self._composer, CutCapable) or rec.composer != self._kind:
+            raise errors.UnsupportedCapability(f"the {rec.composer} composition of {volume_id} cannot cut")
+        return rec, self._composer, self._workdir(volume_id)
+
+    def begin_cut(self, volume_id: str, cut_id: str, *, store_limit: int, hold: bool = False,
+                  since: str = "") -> CutView:
+        """Cut the volume's image at this instant.  A mounted filesystem is frozen (its
+        acknowledged writes flushed, new ones held) only around the composition's cut.  With
+        `hold`, the writes stay held until release_cut (a cut of several volumes)."""
+        rec, cutter, workdir = self._cutter(volume_id)
+        frozen = False
+        if rec.access == "mount" and not rec.readonly:
+            commands.run(["fsfreeze", "--freeze", rec.staging_path])
+            frozen = True
+        try:
+            view = cutter.begin_cut(workdir=workdir, name=volume_id, cut_id=cut_id,
+                                    store_limit=store_limit, hold=hold, since=since)
+        except BaseException:
+            if frozen:
+                self._thaw(rec.staging_path)
+            raise
+        if frozen and not hold:
+            self._thaw(rec.staging_path)
+        return view
+
+    def release_cut(self, volume_id: str) -> None:
+        """Let the writes a held cut keeps waiting go (idempotent)."""
+        rec, cutter, workdir = self._cutter(volume_id)
+        try:
+            cutter.release(workdir=workdir, name=volume_id)
+        finally:
+            if rec.access == "mount" and not rec.readonly:
+                self._thaw(rec.staging_path)
+
+    @staticmethod
+    def _thaw(path: str) -> None:
+        r = commands.run(["fsfreeze", "--unfreeze", path], check=False)
+        if r.returncode != 0 and "Invalid argument" not in (r.stderr or ""):  # EINVAL: not frozen
+            raise errors.BackendError(f"cannot thaw {path}: {(r.stderr or '').strip()}")
+
+    def cut_status(self, volume_id: str, cut_id: str) -> CutView | None:
+        _, cutter, workdir = self._cutter(volume_id)
+        return cutter.cut_status(workdir=workdir, name=volume_id, cut_id=cut_id)
+
+    def end_cut(self, volume_id: str, cut_id: str) -> None:
+        """Drop the frozen view and its copy-on-write store; a volume not staged any more
+        has nothing left to drop (unstage removes the workdir)."""
+        try:
+            _, cutter, workdir = self._cutter(volume_id)
+        except errors.NotFound:
+            return
+        cutter.end_cut(workdir=workdir, name=volume_id, cut_id=cut_id)
+
+    def changed_since(self, volume_id: str, cut_id: str) -> Changed:
+        _, cutter, workdir = self._cutter(volume_id)
+        return cutter.changed(workdir=workdir, name=volume_id, since=cut_id)
+
+    def drop_tracking(self, volume_id: str, cut_id: str) -> None:
+        try:
+            _, cutter, workdir = self._cutter(volume_id)
+        except errors.NotFound:
+            return
+        cutter.drop_tracking(workdir=workdir, name=volume_id, since=cut_id)
+
+    def cuts(self, volume_id: str) -> tuple[list[str], list[str]]:
+        _, cutter, workdir = self._cutter(volume_id)
+        return cutter.cuts(workdir=workdir, name=volume_id)
 
     # -- stats / health --------------------------------------------------------------------------
 

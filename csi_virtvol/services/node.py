@@ -19,6 +19,7 @@ from csi_virtvol.node import commands
 from csi_virtvol.node import stager as node_stager
 from csi_virtvol.node.layout import BackingExtent
 from csi_virtvol.model.allocation import choose_size
+from csi_virtvol.services import cut
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.services.publish import extents_from_context
 from csi_virtvol.store import base as S
@@ -50,7 +51,8 @@ class NodeService:
         self._locks = locks
         self._stager = node_stager.Stager(config.node_state_dir)
         self._attacher = Attacher(os.path.join(config.node_state_dir, "attach"))
-        self.fences = FenceKeeper(node_id=config.node_id, store=store, stager=self._stager)
+        self.fences = FenceKeeper(node_id=config.node_id, store=store, stager=self._stager,
+                                  state_dir=config.node_state_dir)
 
     def info(self) -> NodeInfo:
         return NodeInfo(id=self._config.node_id, topology=dict(self._config.node_topology),
@@ -152,6 +154,8 @@ MAX_FREEZE = 600.0  # seconds a node holds a volume's writes for one image at mo
 class FenceKeeper:
     """The node's side of the pair fence protocol (see model.pair.Fence).
 
+    Live cuts (CUT_REQUESTED, ...: writes held for an instant) are services/cut.CutKeeper's;
+    what follows is the freeze it falls back to where the composition cannot cut.
     When the controller asks (FREEZE_REQUESTED, fence_node = this node) it
     freezes the filesystem of the staged source (fsfreeze: dirty data is
     flushed, then writes wait), answers FROZEN, and thaws when the pair says
@@ -159,11 +163,13 @@ class FenceKeeper:
     volumes cannot be held this way; it answers REFUSED with the reason.
     """
 
-    def __init__(self, *, node_id: str, store: StateStore, stager: node_stager.Stager) -> None:
+    def __init__(self, *, node_id: str, store: StateStore, stager: node_stager.Stager, state_dir: str) -> None:
         self._node = node_id
         self._store = store
         self._stager = stager
         self._held: dict[str, tuple[str, float]] = {}  # pair id -> (mount point, since)
+        self.cuts = cut.CutKeeper(node_id=node_id, store=store, stager=stager, state_dir=state_dir,
+                                  fallback=lambda p: self._freeze(p.id, p.source))
 
     def run(self, stop: "threading.Event") -> None:
         while not stop.is_set():
@@ -176,11 +182,13 @@ class FenceKeeper:
                 stop.wait(1.0)
         for pair_id in list(self._held):
             self._thaw(pair_id)
+        self.cuts.release_all()
 
     def scan(self) -> None:
         seen = set()
-        for rec in self._store.list(S.PAIRS):
-            pair = rec.value
+        pairs = {str(r.value.id): r.value for r in self._store.list(S.PAIRS)}
+        self.cuts.scan(pairs)
+        for pair in pairs.values():
             seen.add(pair.id)
             mine = pair.fence_node == self._node
             if mine and pair.fence is Fence.FREEZE_REQUESTED:

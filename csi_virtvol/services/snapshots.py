@@ -36,7 +36,7 @@ from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
 from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import clonecost, failpoints, tracking, verify
+from csi_virtvol.services import clonecost, cut, failpoints, tracking, verify
 from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
@@ -48,9 +48,10 @@ from csi_virtvol.store.base import StateStore
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned extents may use"}
+SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned extents may use",
+                 cut.STORE_KEY: "the most the copy-on-write store of a live cut may take on the node"}
+FREEZE_WAIT = 30.0      # seconds a node has to freeze a group member's source (services/groups.py)
 ORPHAN_AGE = 60.0       # a target recorded this long ago with no pair was left by a crash
-FREEZE_WAIT = 30.0      # seconds a node has to hold a published source's writes
 POLL = 0.2
 # How long CreateSnapshot / CreateVolume-from-a-source wait for a copy before answering
 # "not ready yet" (ready_to_use=false / ABORTED): the sidecars poll, so a gRPC thread is
@@ -315,8 +316,47 @@ class SnapshotService:
 
     # -- the cut: fence the source, make the target LUNs -------------------
     def _cut(self, pair_id: str) -> None:
-        if self._hold(pair_id):
-            self._take(pair_id)
+        rec = self._store.get(S.PAIRS, pair_id)
+        if rec is None or rec.value.cut_at:
+            return
+        pair = rec.value
+        source = self._volumes.get(pair.source, kind=self._kind_of(pair.source))
+        target = self._store_volume(pair.targets[0].volume)
+        host_copies = any(e.method is not CopyMethod.INTERNAL for e in pair.targets[0].extents)
+        attached = source.attachments
+        if source.kind is VolumeKind.SNAPSHOT:
+            fence = Fence.NONE  # snapshots never change
+        elif not attached:
+            fence = Fence.PROHIBITED
+        elif len(source.extents) == 1 and not host_copies:
+            fence = Fence.NONE  # one reflink clone is atomic: no need to hold writes
+        else:
+            fence = Fence.CUT_REQUESTED  # a live cut: writes held for an instant (services/cut.py)
+        made = False
+        if fence is Fence.CUT_REQUESTED:
+            def clones() -> None:
+                nonlocal made
+                self._make_luns(source, target)
+                made = True
+            clone_rows = any(e.method is CopyMethod.INTERNAL for e in pair.targets[0].extents)
+            pair = cut.cut_at_one_instant(self._store, [cut.Member(pair=pair.id, node=attached[0].node)],
+                                          while_held=clones if clone_rows else None)[0]
+        else:
+            pair = self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
+        if fence is Fence.PROHIBITED:
+            self._set_lun_states(source, LunState.ACCESS_PROHIBITED)
+            # a publish may have slipped in before the LUNs were fenced
+            if self._store_volume(source.id).attachments:
+                self._set_lun_states(source, LunState.IN_USE)
+                raise errors.OperationPending(f"volume {source.id} was published meanwhile; try again")
+        failpoints.hit("copy-fenced")
+        if not made:
+            self._make_luns(source, target)
+        tracking.start(self._arrays, pair)  # from the cut on, for a differential resync
+        failpoints.hit("copy-luns-made")
+        def mark(p: Pair) -> Pair:
+            return dataclasses.replace(p, cut_at=p.cut_time or time.time())
+        self._update_pair(pair_id, mark)
 
     def _hold(self, pair_id: str, *, always: bool = False) -> bool:
         """Ask for the source to be kept still; False when the image was already cut.
@@ -528,13 +568,16 @@ class SnapshotService:
         src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
         dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
         job = f"{vid}-{row.index}"
+        src, src_offset, node, changed = cut.source_for(self._update_pair(vid, lambda p: p),
+                                                        volume_offset=step.offset) \
+            or (src, step.source.offset, self._copy_node(step), "")
         recopies = 0
 
         def attempt() -> HostCopy:  # a checkpoint belongs to one target, one cut and one attempt
             ident = checkpoint.identity(pair=vid, target=f"{step.target_extent.array}:{step.target_extent.lun}",
                                         cut_at=cut_at, attempt=recopies)
-            return HostCopy(job=job, pair=vid, index=row.index, node=self._copy_node(step),
-                            src=src, src_offset=step.source.offset, dst=dst,
+            return HostCopy(job=job, pair=vid, index=row.index, node=node, changed_map=changed,
+                            src=src, src_offset=src_offset, dst=dst,
                             dst_offset=step.target_extent.offset, length=step.length,
                             bwlimit=self._bwlimit(source), only_changed=only_changed,
                             # a snapshot is never written by anyone else, so a manifest of its pages
@@ -547,6 +590,7 @@ class SnapshotService:
         self._runner.start(copy)
         last = -1
         while not stop.wait(POLL):
+            cut.check(self._store, vid)
             st = self._runner.poll(job)
             if st.bytes_done != last:
                 last = st.bytes_done
@@ -659,7 +703,7 @@ class SnapshotService:
                 self._set_lun_states(self._store_volume(pair.source), LunState.IN_USE)
             except errors.NotFound:
                 pass
-        if pair.fence in (Fence.PROHIBITED, Fence.FREEZE_REQUESTED, Fence.FROZEN):
+        if pair.fence in (Fence.PROHIBITED, Fence.FREEZE_REQUESTED, Fence.FROZEN, *cut.LIVE):
             self._set_fence(pair.id, Fence.RELEASED)
 
     def _finish(self, vid: str) -> None:
@@ -729,6 +773,7 @@ class SnapshotService:
             rows = tuple(dataclasses.replace(r, state=ExtentCopyState.PENDING, bytes_done=0, bytes_written=0)
                          for r in t.extents)
             fresh = dataclasses.replace(pair, fence=Fence.NONE, fence_node="", fence_message="", cut_at=0.0,
+                                        since_cut=pair.cut_id if pair.fence is not Fence.REFUSED else "",
                                         targets=(dataclasses.replace(t, state=PairState.RESYNCING, extents=rows,
                                                                      started_at=time.time(), ended_at=0.0,
                                                                      reason=""),))
