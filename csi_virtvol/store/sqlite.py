@@ -22,6 +22,15 @@ writers never deadlock on a lock upgrade).  The file runs in WAL mode with
 or the machine.  Several processes may share the file; a process may open it
 read-only (``readonly=True``), which needs a writer to have created it.
 
+Writes are *group-committed*: the writes that threads of one process issue
+while a commit is in flight queue up, and the next thread to commit runs all
+of them in one transaction, each inside its own SAVEPOINT (so one write's
+Conflict undoes only that write), then one COMMIT, i.e. one fsync of the WAL
+for the whole group.  No call returns before the COMMIT holding its write is
+durable, so the guarantee above is unchanged; what changes is that sixteen
+concurrent callers pay for about one fsync, not sixteen in a row.  `apply`
+puts several writes of one call into one SAVEPOINT: all or none.
+
 Connections are pooled: a call borrows an idle connection or opens one, so
 the store is safe to share between the threads of the gRPC server.
 """
@@ -35,13 +44,13 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from csi_virtvol import errors
 from csi_virtvol.model import codec
 from csi_virtvol.model.ids import Revision
-from csi_virtvol.store.base import Change, Table, Versioned
+from csi_virtvol.store.base import Change, Put, Remove, Table, Versioned, Write
 
 T = TypeVar("T")
 
@@ -67,6 +76,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 _TRIM_EVERY = 64      # trim the change log when seq is a multiple of this
 _WATCH_BATCH = 256    # change rows read per poll
+_GROUP_MAX = 256      # writes per group commit at most
+
+
+class _Pending:
+    """One caller's write waiting for a group commit."""
+
+    __slots__ = ("fn", "done", "lead", "result", "error")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.lead = False          # woken to run the next group, not because it is done
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 class SqliteStore:
@@ -91,6 +114,11 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
+        self._wlock = threading.Lock()     # guards _queue and _committing
+        self._queue: list[_Pending] = []
+        self._committing = False
+        self._indexed: set[str] = set()    # tables whose index rows match their Table (committed)
+        self._checked: set[str] = set()    # ... found so by the group being committed
         if readonly and not os.path.exists(path):
             raise errors.BackendUnavailable(f"state store {path} does not exist yet")
         self._open()
@@ -240,50 +268,144 @@ class SqliteStore:
     # -- writes ------------------------------------------------------------
 
     def create(self, table: Table[T], record: T) -> Revision:
-        key = table.key(record)
-        body = _encode(record)
-        with self._txn(write=True) as conn:
-            self._sync_indexes(conn, table)
-            if conn.execute("SELECT 1 FROM records WHERE tbl = ? AND key = ?",
-                            (table.name, key)).fetchone() is not None:
-                raise errors.Conflict(f"{table.name}/{key} already exists")
-            seq = self._log(conn, table.name, key, "put", body)
-            conn.execute("INSERT INTO records(tbl, key, rev, body) VALUES (?, ?, ?, ?)",
-                         (table.name, key, seq, body))
-            _write_index(conn, table, key, record)
-        return Revision(str(seq))
+        key, body = table.key(record), _encode(record)
+        return Revision(str(self._write(lambda conn: self._create(conn, table, key, record, body))))
 
     def update(self, table: Table[T], record: T, *, revision: Revision) -> Revision:
-        key = table.key(record)
-        body = _encode(record)
+        key, body = table.key(record), _encode(record)
         want = _parse_revision(table, key, revision)
-        with self._txn(write=True) as conn:
-            self._sync_indexes(conn, table)
-            row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
-                               (table.name, key)).fetchone()
-            if row is None:
-                raise errors.NotFound(f"{table.name}/{key} does not exist")
-            if row[0] != want:
-                raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {row[0]})")
-            seq = self._log(conn, table.name, key, "put", body)
-            conn.execute("UPDATE records SET rev = ?, body = ? WHERE tbl = ? AND key = ?",
-                         (seq, body, table.name, key))
-            conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
-            _write_index(conn, table, key, record)
-        return Revision(str(seq))
+        return Revision(str(self._write(lambda conn: self._update(conn, table, key, record, body, want))))
 
     def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
         want = None if revision is None else _parse_revision(table, key, revision)
-        with self._txn(write=True) as conn:
-            row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
-                               (table.name, key)).fetchone()
-            if row is None:
-                return
-            if want is not None and row[0] != want:
-                raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {row[0]})")
-            self._log(conn, table.name, key, "delete", None)
-            conn.execute("DELETE FROM records WHERE tbl = ? AND key = ?", (table.name, key))
-            conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+        self._write(lambda conn: self._delete(conn, table, key, want))
+
+    def apply(self, writes: Sequence[Write]) -> list[Revision | None]:
+        """All the writes or none, in one transaction (and one fsync)."""
+        steps: list[Callable[[sqlite3.Connection], int | None]] = []
+        for w in writes:
+            if isinstance(w, Put):
+                key, body = w.table.key(w.record), _encode(w.record)
+                if w.revision is None:
+                    steps.append(lambda conn, t=w.table, k=key, r=w.record, b=body: self._create(conn, t, k, r, b))
+                else:
+                    want = _parse_revision(w.table, key, w.revision)
+                    steps.append(lambda conn, t=w.table, k=key, r=w.record, b=body, v=want:
+                                 self._update(conn, t, k, r, b, v))
+            elif isinstance(w, Remove):
+                want_d = None if w.revision is None else _parse_revision(w.table, w.key, w.revision)
+                steps.append(lambda conn, t=w.table, k=w.key, v=want_d: self._delete(conn, t, k, v))
+            else:
+                raise errors.InvalidRequest(f"not a store write: {w!r}")
+        if not steps:
+            return []
+        seqs: list[int | None] = self._write(lambda conn: [step(conn) for step in steps])
+        return [None if q is None else Revision(str(q)) for q in seqs]
+
+    def _create(self, conn: sqlite3.Connection, table: Table[T], key: str, record: T, body: str) -> int:
+        self._sync_indexes(conn, table)
+        if conn.execute("SELECT 1 FROM records WHERE tbl = ? AND key = ?",
+                        (table.name, key)).fetchone() is not None:
+            raise errors.Conflict(f"{table.name}/{key} already exists")
+        seq = self._log(conn, table.name, key, "put", body)
+        conn.execute("INSERT INTO records(tbl, key, rev, body) VALUES (?, ?, ?, ?)",
+                     (table.name, key, seq, body))
+        _write_index(conn, table, key, record)
+        return seq
+
+    def _update(self, conn: sqlite3.Connection, table: Table[T], key: str, record: T, body: str,
+                want: int) -> int:
+        self._sync_indexes(conn, table)
+        row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
+                           (table.name, key)).fetchone()
+        if row is None:
+            raise errors.NotFound(f"{table.name}/{key} does not exist")
+        if row[0] != want:
+            raise errors.Conflict(f"{table.name}/{key}: revision {want} is stale (now {row[0]})")
+        seq = self._log(conn, table.name, key, "put", body)
+        conn.execute("UPDATE records SET rev = ?, body = ? WHERE tbl = ? AND key = ?",
+                     (seq, body, table.name, key))
+        conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+        _write_index(conn, table, key, record)
+        return seq
+
+    def _delete(self, conn: sqlite3.Connection, table: Table[T], key: str, want: int | None) -> None:
+        row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
+                           (table.name, key)).fetchone()
+        if row is None:
+            return
+        if want is not None and row[0] != want:
+            raise errors.Conflict(f"{table.name}/{key}: revision {want} is stale (now {row[0]})")
+        self._log(conn, table.name, key, "delete", None)
+        conn.execute("DELETE FROM records WHERE tbl = ? AND key = ?", (table.name, key))
+        conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+
+    # -- group commit --------------------------------------------------------
+
+    def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `fn` in a write transaction, shared with the writes queued meanwhile."""
+        if self._readonly:
+            raise errors.PreconditionFailed(f"state store {self._path} is open read-only")
+        me = _Pending(fn)
+        with self._wlock:
+            self._queue.append(me)
+            lead = not self._committing
+            if lead:
+                self._committing = True
+        while not lead:
+            me.done.wait()
+            if not me.lead:
+                break
+            me.lead, lead = False, True
+            me.done.clear()
+        if lead:
+            self._lead()
+        if me.error is not None:
+            raise me.error
+        return me.result
+
+    def _lead(self) -> None:
+        """Commit the queued writes as one group, then hand the next group to its first waiter."""
+        with self._wlock:
+            group, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
+        try:
+            self._commit(group)
+        finally:
+            with self._wlock:
+                if self._queue:
+                    nxt = self._queue[0]
+                    nxt.lead = True
+                    nxt.done.set()
+                else:
+                    self._committing = False
+
+    def _commit(self, group: list[_Pending]) -> None:
+        self._checked = set()
+        try:
+            with self._conn() as conn:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for p in group:
+                        conn.execute("SAVEPOINT w")
+                        try:
+                            p.result = p.fn(conn)
+                        except sqlite3.Error:
+                            raise  # the transaction itself is in trouble: fail the group
+                        except BaseException as e:  # this write's own error (Conflict, ...): undo it alone
+                            conn.execute("ROLLBACK TO w")
+                            p.error = e
+                        conn.execute("RELEASE w")
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    raise _wrap(e, f"state store {self._path}") from e
+            self._indexed |= self._checked
+        except BaseException as e:
+            for p in group:
+                if p.error is None:
+                    p.error, p.result = e, None
+        finally:
+            for p in group:
+                p.done.set()
 
     def _log(self, conn: sqlite3.Connection, tbl: str, key: str, kind: str, body: str | None) -> int:
         cur = conn.execute("INSERT INTO changes(tbl, key, kind, body) VALUES (?, ?, ?, ?)",
@@ -299,8 +421,11 @@ class SqliteStore:
 
     def _sync_indexes(self, conn: sqlite3.Connection, table: Table[T]) -> None:
         """Rebuild the table's index rows if they were built for other index names."""
+        if table.name in self._indexed:
+            return  # checked (or rebuilt) by this process already
         names = sorted(table.indexes)
         if _indexed_names(conn, table.name) == names:
+            self._checked.add(table.name)  # remembered once this transaction commits
             return
         logger.info("state store %s: indexing table %s by %s", self._path, table.name, names)
         conn.execute("DELETE FROM idx WHERE tbl = ?", (table.name,))
