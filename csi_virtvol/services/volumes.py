@@ -110,11 +110,16 @@ class VolumeService:
         if after and self._store.get(S.VOLUMES, after) is None and not self._token_ok(after, kind):
             raise errors.InvalidToken(f"starting_token {after!r} is not valid")
         out: list[VirtualVolume] = []
-        cursor = after
+        # ids of one kind share a prefix and the store lists by key: start at the prefix and
+        # stop past it, so listing volumes never reads the snapshots (and the other way round)
+        prefix = "vv-" if kind is VolumeKind.VOLUME else "vs-"
+        cursor = max(after, prefix)
         batch = max(limit, 64)
         while True:
             recs = self._store.list(S.VOLUMES, after=cursor, limit=batch)
             for r in recs:
+                if not r.value.id.startswith(prefix):
+                    return Page(volumes=tuple(out), next_token="")
                 cursor = r.value.id
                 v = r.value
                 if v.kind is kind and v.state in (VolumeState.AVAILABLE, VolumeState.COPYING):

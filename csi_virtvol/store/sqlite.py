@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from csi_virtvol import errors
 from csi_virtvol.model import codec
@@ -77,6 +77,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 _TRIM_EVERY = 64      # trim the change log when seq is a multiple of this
 _WATCH_BATCH = 256    # change rows read per poll
 _GROUP_MAX = 256      # writes per group commit at most
+_DECODE_CACHE = 50_000  # decoded records kept (about 2 KiB each)
 
 
 class _Pending:
@@ -117,6 +118,7 @@ class SqliteStore:
         self._wlock = threading.Lock()     # guards _queue and _committing
         self._queue: list[_Pending] = []
         self._committing = False
+        self._decodes: dict[tuple[str, str], tuple[int, Versioned[Any]]] = {}
         self._indexed: set[str] = set()    # tables whose index rows match their Table (committed)
         self._checked: set[str] = set()    # ... found so by the group being committed
         if readonly and not os.path.exists(path):
@@ -236,7 +238,7 @@ class SqliteStore:
         with self._txn(write=False) as conn:
             row = conn.execute("SELECT rev, body FROM records WHERE tbl = ? AND key = ?",
                                (table.name, key)).fetchone()
-        return None if row is None else _versioned(table, row[0], row[1])
+        return None if row is None else self._decoded(table, key, row[0], row[1])
 
     def find(self, table: Table[T], *, index: str, value: str) -> list[Versioned[T]]:
         func = table.indexes.get(index)
@@ -245,10 +247,10 @@ class SqliteStore:
         with self._txn(write=False) as conn:
             if index in _indexed_names(conn, table.name):
                 rows = conn.execute(
-                    "SELECT r.rev, r.body FROM idx i JOIN records r ON r.tbl = i.tbl AND r.key = i.key"
+                    "SELECT r.key, r.rev, r.body FROM idx i JOIN records r ON r.tbl = i.tbl AND r.key = i.key"
                     " WHERE i.tbl = ? AND i.name = ? AND i.value = ? ORDER BY i.key",
                     (table.name, index, value)).fetchall()
-                return [_versioned(table, rev, body) for rev, body in rows]
+                return [self._decoded(table, key, rev, body) for key, rev, body in rows]
             # Not materialised yet (a read-only opener, or no write since the
             # index was added): scan.
             rows = conn.execute("SELECT rev, body FROM records WHERE tbl = ? ORDER BY key",
@@ -261,9 +263,21 @@ class SqliteStore:
             raise errors.InvalidRequest(f"limit must not be negative: {limit}")
         with self._txn(write=False) as conn:
             rows = conn.execute(
-                "SELECT rev, body FROM records WHERE tbl = ? AND key > ? ORDER BY key LIMIT ?",
+                "SELECT key, rev, body FROM records WHERE tbl = ? AND key > ? ORDER BY key LIMIT ?",
                 (table.name, after, limit or -1)).fetchall()
-        return [_versioned(table, rev, body) for rev, body in rows]
+        return [self._decoded(table, key, rev, body) for key, rev, body in rows]
+
+    def _decoded(self, table: Table[T], key: str, rev: int, body: str) -> Versioned[T]:
+        """The record decoded, reusing the last decoding of the same revision (records are
+        frozen dataclasses): a list of 10,000 unchanged records decodes none of them."""
+        hit = self._decodes.get((table.name, key))
+        if hit is not None and hit[0] == rev:
+            return cast("Versioned[T]", hit[1])
+        v = _versioned(table, rev, body)
+        if len(self._decodes) >= _DECODE_CACHE:
+            self._decodes.clear()
+        self._decodes[(table.name, key)] = (rev, v)
+        return v
 
     # -- writes ------------------------------------------------------------
 
