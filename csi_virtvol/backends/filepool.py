@@ -98,7 +98,10 @@ class FilePoolDriver(PoolDriver):
                 if existing is not None:
                     return self._same_or_conflict(existing, size=size)
                 self._check_room(apparent=size, reserve=size)
-                self._mutate(lambda: (self._publish(tmp, lun_id), (size, reserve))[1])
+                def link() -> tuple[int, int]:
+                    self._publish(tmp, lun_id)
+                    return size, reserve
+                self._mutate(link)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

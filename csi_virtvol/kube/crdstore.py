@@ -458,6 +458,7 @@ class _Informer:
 
     def _watch(self, rv: str) -> str:
         """Follow the kind from `rv`; the last rv seen, or "" when the server has no history back there."""
+        resp: Any
         try:
             resp = self._store._api.list_cluster_custom_object(
                 GROUP, VERSION, self._kind.plural, watch=True, resource_version=rv,

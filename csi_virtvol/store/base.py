@@ -10,6 +10,7 @@ store can honour the same contract.
 """
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -105,7 +106,7 @@ class StateStore(Protocol):
     def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
         """Remove; a missing key is not an error; Conflict on a stale revision."""
 
-    def apply(self, writes: Sequence[Write]) -> list[Revision | None]:
+    def apply(self, writes: Sequence[Write]) -> builtins.list[Revision | None]:
         """Several writes in order, as one call; the new revision of each (None for a Remove).
 
         Each write has the semantics of create/update/delete.  The first one that

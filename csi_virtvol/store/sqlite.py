@@ -36,6 +36,7 @@ the store is safe to share between the threads of the gRPC server.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -294,27 +295,30 @@ class SqliteStore:
         want = None if revision is None else _parse_revision(table, key, revision)
         self._write(lambda conn: self._delete(conn, table, key, want))
 
-    def apply(self, writes: Sequence[Write]) -> list[Revision | None]:
+    def apply(self, writes: Sequence[Write]) -> builtins.list[Revision | None]:
         """All the writes or none, in one transaction (and one fsync)."""
-        steps: list[Callable[[sqlite3.Connection], int | None]] = []
-        for w in writes:
-            if isinstance(w, Put):
-                key, body = w.table.key(w.record), _encode(w.record)
-                if w.revision is None:
-                    steps.append(lambda conn, t=w.table, k=key, r=w.record, b=body: self._create(conn, t, k, r, b))
-                else:
-                    want = _parse_revision(w.table, key, w.revision)
-                    steps.append(lambda conn, t=w.table, k=key, r=w.record, b=body, v=want:
-                                 self._update(conn, t, k, r, b, v))
-            elif isinstance(w, Remove):
-                want_d = None if w.revision is None else _parse_revision(w.table, w.key, w.revision)
-                steps.append(lambda conn, t=w.table, k=w.key, v=want_d: self._delete(conn, t, k, v))
-            else:
-                raise errors.InvalidRequest(f"not a store write: {w!r}")
+        steps = [self._step(w) for w in writes]
         if not steps:
             return []
-        seqs: list[int | None] = self._write(lambda conn: [step(conn) for step in steps])
+        seqs: builtins.list[int | None] = self._write(lambda conn: [step(conn) for step in steps])
         return [None if q is None else Revision(str(q)) for q in seqs]
+
+    def _step(self, w: Write) -> Callable[[sqlite3.Connection], int | None]:
+        """One write of `apply`, checked now, run later inside the transaction."""
+        if isinstance(w, Put):
+            table: Table[Any] = w.table
+            record, key = w.record, w.table.key(w.record)
+            body = _encode(record)
+            if w.revision is None:
+                return lambda conn: self._create(conn, table, key, record, body)
+            want = _parse_revision(table, key, w.revision)
+            return lambda conn: self._update(conn, table, key, record, body, want)
+        if isinstance(w, Remove):
+            rtable: Table[Any] = w.table
+            rkey = w.key
+            rwant = None if w.revision is None else _parse_revision(rtable, rkey, w.revision)
+            return lambda conn: self._delete(conn, rtable, rkey, rwant)
+        raise errors.InvalidRequest(f"not a store write: {w!r}")
 
     def _create(self, conn: sqlite3.Connection, table: Table[T], key: str, record: T, body: str) -> int:
         self._sync_indexes(conn, table)
@@ -393,7 +397,7 @@ class SqliteStore:
                 else:
                     self._committing = False
 
-    def _commit(self, group: list[_Pending]) -> None:
+    def _commit(self, group: builtins.list[_Pending]) -> None:
         self._checked = set()
         try:
             with self._conn() as conn:
