@@ -424,27 +424,26 @@ class _Informer:
                 rv = ""
 
     def _relist(self) -> str:
-        items: builtins.list[Obj] = []
         cont, at = "", ""
-        while True:
+        seen = set()
+        while True:  # each page goes into the cache as it comes: never 10,000 raw objects at once
             kw: dict[str, Any] = {"limit": _PAGE}
             if cont:
                 kw["_continue"] = cont
             page = self._store._call(f"list {self._kind.plural}", self._store._api.list_cluster_custom_object,
                                      self._kind.plural, **kw)
-            items += page.get("items") or []
+            for obj in page.get("items") or []:
+                self.feed(obj)
+                key = ((obj.get("metadata") or {}).get("annotations") or {}).get(KEY_ANNOTATION)
+                if key is not None:
+                    seen.add(key)
             meta = page.get("metadata") or {}
             at = at or str(meta.get("resourceVersion") or "")
             cont = meta.get("continue") or ""
+            del page
             if not cont:
                 break
         self.lists += 1
-        seen = set()
-        for obj in items:
-            self.feed(obj)
-            key = ((obj.get("metadata") or {}).get("annotations") or {}).get(KEY_ANNOTATION)
-            if key is not None:
-                seen.add(key)
         with self._lock:
             for key in [k for k, e in self._entries.items() if k not in seen and not _rv_newer(e.rv, at)]:
                 self._drop(key)

@@ -235,8 +235,13 @@ class SqliteStore:
 
     # -- reads -------------------------------------------------------------
 
+    def _read1(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection for a read of one statement: atomic by itself in autocommit mode, so
+        it needs no BEGIN/COMMIT around it (a third of the cost of a small read)."""
+        return self._conn()
+
     def get(self, table: Table[T], key: str) -> Versioned[T] | None:
-        with self._txn(write=False) as conn:
+        with self._read1() as conn, _wrapped(self._path):
             row = conn.execute("SELECT rev, body FROM records WHERE tbl = ? AND key = ?",
                                (table.name, key)).fetchone()
         return None if row is None else self._decoded(table, key, row[0], row[1])
@@ -262,7 +267,7 @@ class SqliteStore:
     def list(self, table: Table[T], *, after: str = "", limit: int = 0) -> list[Versioned[T]]:
         if limit < 0:
             raise errors.InvalidRequest(f"limit must not be negative: {limit}")
-        with self._txn(write=False) as conn:
+        with self._read1() as conn, _wrapped(self._path):
             rows = conn.execute(
                 "SELECT key, rev, body FROM records WHERE tbl = ? AND key > ? ORDER BY key LIMIT ?",
                 (table.name, after, limit or -1)).fetchall()
@@ -488,6 +493,14 @@ class SqliteStore:
             if left <= 0:
                 return
             time.sleep(min(self._poll_interval, left))
+
+
+@contextlib.contextmanager
+def _wrapped(path: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise _wrap(e, f"state store {path}") from e
 
 
 def _wrap(e: sqlite3.Error, what: str) -> errors.VirtvolError:
