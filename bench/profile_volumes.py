@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -46,12 +47,12 @@ MiB = 1 << 20
 
 
 @contextlib.contextmanager
-def open_store(kind: str, work: Path) -> Iterator[StateStore]:
+def open_store(kind: str, work: Path) -> Iterator[tuple[StateStore, Any]]:
     if kind == "sqlite":
         from csi_virtvol.store.sqlite import SqliteStore
         s = SqliteStore(str(work / "state.db"))
         try:
-            yield s
+            yield s, None
         finally:
             s.close()
         return
@@ -61,7 +62,7 @@ def open_store(kind: str, work: Path) -> Iterator[StateStore]:
     with FakeApiServer(crd_dir=ROOT / "charts" / "csi-virtvol" / "crds") as api:
         c = CrdStore(api_client(host=api.url))
         try:
-            yield c
+            yield c, api
         finally:
             c.close()
 
@@ -93,12 +94,13 @@ def main() -> int:
         cap = Capability(access_type=AccessType.MOUNT, access_mode=AccessMode.SINGLE_NODE_WRITER, fs_type="ext4")
         params = {"layout": "single"} if args.extents == 1 else {
             "layout": "concat", "maxExtentSize": f"{64 // args.extents}Mi"}
-        with open_store(args.store, work) as store:
+        with open_store(args.store, work) as (store, api):
             core = build_controller(cfg, store, KeyedLocks())
             ids = []
             for phase in ("create", "delete"):
                 prof = cProfile.Profile()
                 f0 = fsyncs[0]
+                r0 = len(api.requests) if api is not None else 0
                 t0 = time.perf_counter()
                 prof.enable()
                 for i in range(args.n):
@@ -112,7 +114,9 @@ def main() -> int:
                 wall = time.perf_counter() - t0
                 print(f"## {args.store} {phase}, {args.extents} extent(s): {args.n} calls, "
                       f"{wall / args.n * 1e3:.2f} ms/call wall, "
-                      f"{(fsyncs[0] - f0) / args.n:.1f} Python-level fsyncs/call (pool files and dirs)\n")
+                      f"{(fsyncs[0] - f0) / args.n:.1f} Python-level fsyncs/call (pool files and dirs)"
+                      + (f", {(len(api.requests) - r0) / args.n:.1f} API requests/call" if api is not None else "")
+                      + "\n")
                 for order in ("tottime", "cumulative"):
                     out = io.StringIO()
                     st = pstats.Stats(prof, stream=out)
