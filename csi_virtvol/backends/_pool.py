@@ -26,6 +26,8 @@ import logging
 import os
 import re
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ TMP_PREFIX = ".tmp-"
 XATTR_ORIGIN = "user.csi-virtvol.origin"
 XATTR_SOURCE = "user.csi-virtvol.source"
 SYNC_ATTEMPTS = 3  # syncfs rounds before a full filesystem is believed
+USAGE_TTL = 1.0    # seconds a cached usage total is trusted at most (see PoolDriver._usage)
 
 _LUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGTP]i?)?[Bb]?\s*")
@@ -86,6 +89,10 @@ class PoolDriver(abc.ABC):
         self._cap = parse_size(spec.params["capacity"]) if spec.params.get("capacity") else None
         self._probed: Ability | None = None
         self._identity: ArrayIdentity | None = None
+        # (luns/ stamp, monotonic time of the scan, usage): see _usage
+        self._usage_cache: tuple[tuple[int, int, int], float, Usage] | None = None
+        self._usage_mutex = threading.Lock()
+        self._usage_gen = 0  # bumped by every _mutate: a scan that overlapped one is not kept
         try:
             if not os.path.isdir(self._root):
                 logger.info("array %s: creating pool directory %s", spec.id, self._root)
@@ -298,7 +305,65 @@ class PoolDriver(abc.ABC):
 
     # ---- capacity ------------------------------------------------------------------------------
 
+    # Drivers whose every change of the LUN files goes through `_mutate` set this: then `_usage`
+    # is served from a cache instead of a stat of every LUN file (O(LUNs) per create otherwise).
+    _usage_cacheable = False
+
+    def _luns_stamp(self) -> tuple[int, int, int]:
+        """(mtime, ctime) of ``luns/`` in ns and the filesystem's free blocks.  Any entry made
+        or removed in ``luns/`` changes the first two (kernels since 6.13 give a fine-grained
+        timestamp to a change after a stat, so two changes in one clock tick still differ);
+        any block allocated or freed inside a LUN file (a writer filling a hole, a discard
+        punching one) changes the third."""
+        try:
+            st = os.stat(self._luns)
+            vfs = os.statvfs(self._luns)
+        except OSError as e:
+            raise errors.BackendUnavailable(f"array {self._spec.id}: stat {self._luns}: {e}") from e
+        return st.st_mtime_ns, st.st_ctime_ns, vfs.f_bfree
+
     def _usage(self) -> Usage:
+        """The pool's usage.  Where `_usage_cacheable`, the last scan is reused while the
+        stamp (`_luns_stamp`) is unchanged and the scan is younger than USAGE_TTL; this
+        process's own changes adjust it exactly (`_mutate`).  A filesystem that is busy
+        elsewhere changes its free blocks all the time and so simply gets a scan per call,
+        as without the cache."""
+        if not self._usage_cacheable:
+            return self._scan_usage()
+        stamp = self._luns_stamp()
+        with self._usage_mutex:
+            c = self._usage_cache
+            if c is not None and c[0] == stamp and time.monotonic() - c[1] < USAGE_TTL:
+                return c[2]
+            gen = self._usage_gen
+        taken = time.monotonic()
+        usage = self._scan_usage()
+        with self._usage_mutex:
+            if gen == self._usage_gen:
+                self._usage_cache = (stamp, taken, usage)
+        return usage
+
+    def _mutate(self, change: Callable[[], tuple[int, int] | None]) -> None:
+        """Run `change`, a change of the LUN files that returns how much it added to the
+        usage (apparent, reserved), or None when it cannot say; keep the cached usage in step.
+        This process's changes run one at a time here, so the cache is adjusted only when it
+        was current right before the change, i.e. no other process changed ``luns/`` since."""
+        with self._usage_mutex:
+            self._usage_gen += 1
+            before = self._luns_stamp()
+            try:
+                delta = change()
+            except BaseException:
+                self._usage_cache = None
+                raise
+            c = self._usage_cache
+            if delta is None or c is None or c[0] != before:
+                self._usage_cache = None
+                return
+            self._usage_cache = (self._luns_stamp(), c[1], Usage(
+                apparent=c[2].apparent + delta[0], reserved=c[2].reserved + delta[1]))
+
+    def _scan_usage(self) -> Usage:
         apparent = reserved = 0
         for _, path, st in self._scan():
             size = self._lun_size(path, st)

@@ -5,7 +5,9 @@ Layout of a pool at ``spec.params["path"]``::
     <path>/                   created (with parents) when missing
     <path>/.lock              flock(2) target serialising create/resize/copy
     <path>/luns/<lun-id>.img  one sparse file per LUN; the LUN id is the name
-    <path>/luns/.tmp-*        a LUN being created (never listed; swept when stale)
+    <path>/.tmp/.tmp-*        a LUN being created (never listed; swept when stale); linked
+                              into luns/ when complete, so that luns/ changes only by whole
+                              LUNs appearing or going (older versions built it in luns/)
 
 A LUN the driver provisioned carries the extended attribute
 ``user.csi-virtvol.origin = provisioned``, set on the temporary file before it
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 KIND = "file"
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 STALE_TMP_SECONDS = 3600.0
+TMP_DIR = ".tmp"  # under the pool root: where LUN files are built
 
 _Fill = Callable[[int], None]  # gives a fresh temp file (by fd) its content
 
@@ -65,28 +68,87 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 class FilePoolDriver(PoolDriver):
     """An ArrayDriver (and InternalCopyCapable, AllocationMapCapable) over a directory of sparse files."""
 
+    # Filesystems whose statvfs free-block count follows allocation at once, so that the
+    # usage cache sees a writer filling holes (see PoolDriver._usage); btrfs reports its
+    # free space per transaction, so there every call scans, as before.
+    USAGE_CACHE_FS = ("xfs", "ext4")
+
     def __init__(self, spec: ArraySpec) -> None:
-        super().__init__(spec, kind=KIND, path_param="path")
+        super().__init__(spec, kind=KIND, path_param="path", subdirs=(TMP_DIR,))
+        self._tmp = os.path.join(self._root, TMP_DIR)
+        # every change of luns/ below goes through _mutate
+        self._usage_cacheable = filesystem_type(self._root) in self.USAGE_CACHE_FS
         self._sweep_stale_temps()
 
     # ---- ArrayDriver ---------------------------------------------------------------------
 
     def create_lun(self, *, name: str, size: int) -> Lun:
-        return self._create(name=name, size=size, make=lambda lun_id: self._materialise(
-            lun_id, size=size, fill=lambda fd: os.ftruncate(fd, size)))
+        """Idempotent by name.  The file is built and fsync'ed under a temp name first, outside
+        the pool lock; the lock covers only the name check, the room check and the link, and
+        the directory's fsync follows after it, so concurrent creates overlap their fsyncs."""
+        lun_id = self._check_name(name)
+        self._check_size(size)
+        existing = self.get_lun(lun_id=lun_id)
+        if existing is not None:
+            return self._same_or_conflict(existing, size=size)
+        tmp, reserve = self._build_temp(lun_id, size=size, fill=lambda fd: os.ftruncate(fd, size))
+        try:
+            with self._locked():
+                existing = self.get_lun(lun_id=lun_id)
+                if existing is not None:
+                    return self._same_or_conflict(existing, size=size)
+                self._check_room(apparent=size, reserve=size)
+                def link() -> tuple[int, int]:
+                    self._publish(tmp, lun_id)
+                    return size, reserve
+                self._mutate(link)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._fsync_dir()
+        logger.info("array %s: created LUN %s (%d bytes)", self._spec.id, lun_id, size)
+        return self._lun_or_fail(lun_id)
 
     def delete_lun(self, *, lun_id: LunId) -> None:
-        if not valid_lun_id(lun_id) or not self._unlink_lun(lun_id):
+        if not valid_lun_id(lun_id):
+            return
+        gone: list[bool] = []
+
+        def unlink() -> tuple[int, int] | None:
+            try:
+                st = os.stat(self._path(lun_id), follow_symlinks=False)
+            except FileNotFoundError:
+                gone.append(False)
+                return 0, 0
+            except OSError:
+                st = None
+            gone.append(self._unlink_lun(lun_id))
+            if st is None or not gone[-1]:
+                return None
+            return -st.st_size, -max(0, st.st_size - st.st_blocks * 512)
+
+        self._mutate(unlink)
+        if not gone[-1]:
             return
         self._fsync_dir()
         logger.info("array %s: deleted LUN %s", self._spec.id, lun_id)
 
     def resize_lun(self, *, lun_id: LunId, size: int) -> Lun:
         def apply(lun: Lun) -> None:
-            self._resize_file(lun.address, size=size, lun_id=lun_id)
+            def grow_file() -> tuple[int, int]:
+                self._resize_file(lun.address, size=size, lun_id=lun_id)
+                # a size change moves neither luns/ nor free blocks: touch luns/ so that
+                # other processes' cached usage (see _usage) notices it
+                os.utime(self._luns)
+                grow = size - lun.size  # the new part is a hole: apparent and reserved grow by it
+                return grow, grow
+            self._mutate(grow_file)
         return self._grow(lun_id=lun_id, size=size, apply=apply)
 
     def wipe_lun(self, *, lun_id: LunId) -> None:
+        self._mutate(lambda: self._wipe(lun_id))  # punched holes become reserved again: rescan
+
+    def _wipe(self, lun_id: LunId) -> None:
         lun = self._require_lun(lun_id)
         try:
             fd = os.open(lun.address, os.O_WRONLY | os.O_CLOEXEC)
@@ -123,8 +185,10 @@ class FilePoolDriver(PoolDriver):
                 # the pool's capacity cap (thick, for provisioned LUNs) does not refuse it; the
                 # filesystem must still be able to fill its holes later.
                 self._check_room(apparent=0, reserve=_clone_reserve(src.size, os.fstat(src_fd)))
-                self._materialise(lun_id, size=src.size, fill=lambda fd: _ficlone(fd, src_fd),
-                                  source=source)
+                try:
+                    self._materialise(lun_id, size=src.size, fill=lambda fd: _ficlone(fd, src_fd), source=source)
+                finally:
+                    self._mutate(lambda: None)  # shared blocks: rescan rather than guess
             finally:
                 os.close(src_fd)
         logger.info("array %s: reflinked LUN %s -> %s", self._spec.id, source, lun_id)
@@ -159,12 +223,24 @@ class FilePoolDriver(PoolDriver):
     def _materialise(self, lun_id: LunId, *, size: int, fill: _Fill, source: str = "") -> None:
         """Build the LUN under a temp name, mark it, then link it into place, so
         a crash leaves only a `.tmp-` file."""
-        tmp = os.path.join(self._luns, f"{TMP_PREFIX}{lun_id}-{uuid.uuid4().hex[:8]}")
+        tmp, _ = self._build_temp(lun_id, size=size, fill=fill, source=source)
+        try:
+            self._publish(tmp, lun_id)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._fsync_dir()
+
+    def _build_temp(self, lun_id: LunId, *, size: int, fill: _Fill, source: str = "") -> tuple[str, int]:
+        """A complete, marked and fsync'ed LUN file under a fresh temp name; (its path, the
+        bytes of it not yet allocated).  Removed again if building it fails."""
+        tmp = os.path.join(self._tmp, f"{TMP_PREFIX}{lun_id}-{uuid.uuid4().hex[:8]}")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 fill(fd)
-                if os.fstat(fd).st_size != size:
+                st = os.fstat(fd)
+                if st.st_size != size:
                     raise errors.BackendError(f"array {self._spec.id}: {lun_id} came out with the wrong size")
                 os.setxattr(fd, XATTR_ORIGIN, LunOrigin.PROVISIONED.value.encode())
                 if source:
@@ -172,13 +248,13 @@ class FilePoolDriver(PoolDriver):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._publish(tmp, lun_id)
-        except OSError as e:
-            raise self._create_error(e, lun_id, reflink=bool(source)) from e
-        finally:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        self._fsync_dir()
+            if isinstance(e, OSError):
+                raise self._create_error(e, lun_id, reflink=bool(source)) from e
+            raise
+        return tmp, max(0, size - st.st_blocks * 512)
 
     def _probe_abilities(self) -> Ability:
         found = Ability.GROW_LUN
@@ -191,13 +267,14 @@ class FilePoolDriver(PoolDriver):
 
     def _sweep_stale_temps(self) -> None:
         now = time.time()
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(self._luns):
-                if entry.name.startswith(TMP_PREFIX):
-                    with contextlib.suppress(OSError):
-                        if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
-                            os.unlink(entry.path)
-                            logger.info("array %s: removed stale %s", self._spec.id, entry.path)
+        for where in (self._tmp, self._luns):
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(where):
+                    if entry.name.startswith(TMP_PREFIX):
+                        with contextlib.suppress(OSError):
+                            if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
+                                os.unlink(entry.path)
+                                logger.info("array %s: removed stale %s", self._spec.id, entry.path)
 
 
 # ---- filesystem helpers (module functions so tests can check the probe independently) ----

@@ -39,9 +39,21 @@ How the StateStore contract maps onto the API:
   marks them; `delete` here removes the finalizer first.
 * Every write uses ``fieldValidation=Strict``: a body the CRD schema does not
   describe fails instead of being pruned.
+* Reads are served from a watch-fed cache (`_Informer`, one LIST and then one
+  long-lived WATCH per kind and process, started by the first `list`, `find`
+  or `watch` of that table): `list`/`find` are in-memory look-ups over sorted
+  keys and index maps, `watch` subscribes to the cache's event stream instead
+  of opening a LIST and a WATCH per call, and `get` of a cached table needs no
+  request.  The cache is fed this process's own writes at once (read your
+  writes) and every object a write path GETs, so a Conflict caused by a stale
+  cache heals on the caller's next read.  An idle process makes no requests.
+* A write that meets 409 because someone else changed only metadata or status
+  of the object (not the record) is applied again over the fresh object: the
+  record the caller's revision named is still the current one.
 """
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import dataclasses
@@ -49,9 +61,12 @@ import hashlib
 import json
 import logging
 import math
+import queue
 import re
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import kubernetes.client as k8s
@@ -61,8 +76,8 @@ import urllib3.exceptions
 from csi_virtvol import config, errors
 from csi_virtvol.model import codec
 from csi_virtvol.model.array import ArraySpec
-from csi_virtvol.model.ids import NodeId, Revision
-from csi_virtvol.store.base import Change, Table, Versioned
+from csi_virtvol.model.ids import ArrayId, NodeId, Revision
+from csi_virtvol.store.base import Change, Put, Remove, Table, Versioned, Write
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -84,6 +99,8 @@ RECORDED_ANNOTATION = f"{GROUP}/recorded-from"
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _PAGE = 500
+_WATCH_SECONDS = 300   # server-side timeout of the cache's watch (then it resumes from its rv)
+_WRITE_RETRIES = 8     # re-applications of a write whose 409 came from a foreign metadata change
 
 
 # ---------------------------------------------------------------- naming
@@ -267,15 +284,311 @@ def _message(e: k8s.ApiException) -> str:
     return str(_status_body(e).get("message") or e.body or "")
 
 
+# ---------------------------------------------------------------- the watch-fed cache
+
+def _rv_newer(a: str, b: str) -> bool:
+    """Is resourceVersion `a` newer than `b`?  (Opaque in general; the API server's are integers.)"""
+    if a.isdigit() and b.isdigit():
+        return int(a) > int(b)
+    return a != b
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    name: str
+    rv: str
+    value: Any                             # Versioned[T]
+    digest: int                            # hash of the record JSON: dedupes watch events
+    idx: tuple[tuple[str, str], ...]       # (index name, value) of the record
+
+
+_GAP = object()  # told to subscribers when the cache had to list again: they may have missed events
+
+
+class _Informer:
+    """One LIST, then one long-lived WATCH of one kind, feeding an in-memory copy of its
+    records (decoded once per change), their sorted keys and index maps, and the event
+    queues of this process's `watch` calls."""
+
+    def __init__(self, store: CrdStore, table: Table[Any], kind: Kind) -> None:
+        self._store = store
+        self._table = table
+        self._kind = kind
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._keys: list[str] = []
+        self._index: dict[tuple[str, str], set[str]] = {}
+        self._tomb: set[str] = set()       # deleted by us: ignore events for it until its DELETED
+        self._subs: list[queue.SimpleQueue[Any]] = []
+        self._synced = threading.Event()
+        self._error: errors.VirtvolError | None = None
+        self._stop = threading.Event()
+        self._resp: Any = None
+        self.lists = 0                     # LISTs made (relists after 410 included)
+        self._thread = threading.Thread(target=self._run, name=f"crd-cache-{kind.plural}", daemon=True)
+        self._thread.start()
+
+    # -- reads ---------------------------------------------------------------------
+
+    def wait_synced(self, timeout: float) -> None:
+        if not self._synced.wait(timeout):
+            raise errors.BackendUnavailable(
+                f"cache of {self._kind.plural} is not filled yet: {self._error or 'timed out'}")
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            e = self._entries.get(key)
+            return None if e is None else e.value
+
+    def find(self, index: str, value: str) -> builtins.list[Any]:
+        with self._lock:
+            keys = sorted(self._index.get((index, value), ()))
+            return [self._entries[k].value for k in keys]
+
+    def list(self, after: str, limit: int) -> builtins.list[Any]:
+        with self._lock:
+            i = bisect.bisect_right(self._keys, after)
+            keys = self._keys[i:i + limit] if limit else self._keys[i:]
+            return [self._entries[k].value for k in keys]
+
+    def subscribe(self) -> tuple[queue.SimpleQueue[Any], dict[str, int]]:
+        """A queue of the events from now on, and the record digests as of now."""
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._lock:
+            self._subs.append(q)
+            return q, {k: e.digest for k, e in self._entries.items()}
+
+    def unsubscribe(self, q: queue.SimpleQueue[Any]) -> None:
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._subs.remove(q)
+
+    # -- feeding -------------------------------------------------------------------
+
+    def feed(self, obj: Obj, *, deleted: bool = False, own: bool = False) -> None:
+        """`obj` as last seen: a watch event, or (own) a write's answer or a GET."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("annotations") or {}).get(KEY_ANNOTATION)
+        if key is None:
+            return
+        rv = str(meta.get("resourceVersion") or "")
+        rec = None if deleted else CrdStore._record_of(obj)
+        value = None if rec is None else CrdStore._versioned(self._table, obj, rec[1])
+        with self._lock:
+            if key in self._tomb:
+                if deleted and not own:
+                    self._tomb.discard(key)
+                if not own:
+                    return
+                self._tomb.discard(key)
+            cur = self._entries.get(key)
+            if cur is not None and not _rv_newer(rv, cur.rv):
+                return
+            if rec is None or value is None:
+                self._drop(key)
+                return
+            self._put(key, _Entry(name=str(meta.get("name", "")), rv=rv, value=value, digest=hash(rec[1]),
+                                  idx=tuple((n, f(value.value)) for n, f in self._table.indexes.items())))
+
+    def forget(self, key: str) -> None:
+        """This process deleted `key`: gone now, whatever older events still arrive."""
+        with self._lock:
+            self._drop(key)
+            self._tomb.add(key)
+
+    def _put(self, key: str, entry: _Entry) -> None:
+        old = self._entries.get(key)
+        if old is None:
+            bisect.insort(self._keys, key)
+        else:
+            self._unindex(key, old)
+        self._entries[key] = entry
+        for iv in entry.idx:
+            self._index.setdefault(iv, set()).add(key)
+
+    def _drop(self, key: str) -> None:
+        old = self._entries.pop(key, None)
+        if old is None:
+            return
+        i = bisect.bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            del self._keys[i]
+        self._unindex(key, old)
+
+    def _unindex(self, key: str, entry: _Entry) -> None:
+        for iv in entry.idx:
+            keys = self._index.get(iv)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._index[iv]
+
+    # -- the LIST and WATCH loop ---------------------------------------------------------
+
+    def _run(self) -> None:
+        rv = ""
+        while not self._stop.is_set():
+            try:
+                if not rv:
+                    rv = self._relist()
+                rv = self._watch(rv)
+            except errors.VirtvolError as e:
+                if self._stop.is_set():
+                    return
+                self._error = e
+                logger.warning("cache of %s: %s; retrying", self._kind.plural, e)
+                self._stop.wait(1.0)
+            except Exception as e:  # noqa: BLE001 - a closed stream on close(), or a bug: keep serving
+                if self._stop.is_set():
+                    return
+                self._error = errors.BackendError(f"cache of {self._kind.plural}: {e!r}")
+                logger.exception("cache of %s", self._kind.plural)
+                self._stop.wait(1.0)
+                rv = ""
+
+    def _relist(self) -> str:
+        cont, at = "", ""
+        seen = set()
+        while True:  # each page goes into the cache as it comes: never 10,000 raw objects at once
+            kw: dict[str, Any] = {"limit": _PAGE}
+            if cont:
+                kw["_continue"] = cont
+            page = self._store._call(f"list {self._kind.plural}", self._store._api.list_cluster_custom_object,
+                                     self._kind.plural, **kw)
+            for obj in page.get("items") or []:
+                self.feed(obj)
+                key = ((obj.get("metadata") or {}).get("annotations") or {}).get(KEY_ANNOTATION)
+                if key is not None:
+                    seen.add(key)
+            meta = page.get("metadata") or {}
+            at = at or str(meta.get("resourceVersion") or "")
+            cont = meta.get("continue") or ""
+            del page
+            if not cont:
+                break
+        self.lists += 1
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if k not in seen and not _rv_newer(e.rv, at)]:
+                self._drop(key)
+            self._tomb.clear()
+            subs = builtins.list(self._subs) if self._synced.is_set() else []
+        for q in subs:
+            q.put(_GAP)
+        self._error = None
+        self._synced.set()
+        return at
+
+    def _watch(self, rv: str) -> str:
+        """Follow the kind from `rv`; the last rv seen, or "" when the server has no history back there."""
+        resp: Any
+        try:
+            resp = self._store._api.list_cluster_custom_object(
+                GROUP, VERSION, self._kind.plural, watch=True, resource_version=rv,
+                timeout_seconds=_WATCH_SECONDS, allow_watch_bookmarks=True, _preload_content=False,
+                _request_timeout=(self._store._timeout, _WATCH_SECONDS + 30))
+        except k8s.ApiException as e:
+            if e.status == 410:
+                return ""
+            raise wrap_api_error(e, f"watch {self._kind.plural}") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise wrap_api_error(e, f"watch {self._kind.plural}") from e
+        self._resp = resp
+        try:
+            if self._stop.is_set():
+                return rv
+            for line in _iter_lines(resp):
+                if self._stop.is_set():
+                    return rv
+                if not line:
+                    continue
+                event = json.loads(line)
+                type_, obj = str(event.get("type")), event.get("object") or {}
+                if type_ == "ERROR":
+                    if obj.get("code") == 410:
+                        return ""
+                    raise errors.BackendUnavailable(f"watch {self._kind.plural}: {obj.get('message')}")
+                rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+                if type_ == "BOOKMARK":
+                    continue
+                self.feed(obj, deleted=type_ == "DELETED")
+                with self._lock:
+                    subs = builtins.list(self._subs)
+                for q in subs:
+                    q.put((type_, obj))
+        except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
+            pass  # the server (or our read timeout) ended the watch: resume from rv
+        finally:
+            self._resp = None
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+        return rv
+
+    def close(self) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + 5
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            resp = self._resp
+            if resp is not None:  # wake the thread blocked reading the watch
+                sock = getattr(getattr(resp, "connection", None), "sock", None)
+                with contextlib.suppress(OSError):
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+            self._thread.join(timeout=0.05)
+
+
+def _iter_lines(resp: Any) -> Iterator[str]:
+    buf = b""
+    for chunk in resp.stream(amt=None, decode_content=False):
+        buf += chunk if isinstance(chunk, bytes) else str(chunk).encode()
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode("utf-8", errors="replace")
+
+
 # ---------------------------------------------------------------- the store
 
 class CrdStore:
     """A StateStore on the custom resources of `api_client`'s cluster."""
 
-    def __init__(self, api_client: k8s.ApiClient, *, request_timeout: float = 30.0) -> None:
+    def __init__(self, api_client: k8s.ApiClient, *, request_timeout: float = 30.0, cache: bool = True) -> None:
         self._client: Any = api_client
         self._api = k8s.CustomObjectsApi(api_client)
         self._timeout = request_timeout
+        self._use_cache = cache
+        self._informers: dict[str, _Informer] = {}
+        self._inf_lock = threading.Lock()
+
+    def _cache(self, table: Table[Any], *, start: bool) -> _Informer | None:
+        """The table's watch-fed cache, started (and filled) now when `start`; None without one."""
+        if not self._use_cache:
+            return None
+        inf = self._informers.get(table.name)
+        if inf is None:
+            if not start:
+                return None
+            with self._inf_lock:
+                inf = self._informers.get(table.name)
+                if inf is None:
+                    inf = self._informers[table.name] = _Informer(self, table, self._kind(table))
+        if not inf.synced:
+            if not start:
+                return None
+            inf.wait_synced(self._timeout)
+        return inf
+
+    def _seen(self, table: Table[Any], obj: Obj | None, *, deleted: bool = False) -> None:
+        """An object this process just read or wrote: into the cache, if the table has one."""
+        inf = self._informers.get(table.name)
+        if inf is not None and obj is not None:
+            inf.feed(obj, deleted=deleted, own=True)
+
+    def cache_lists(self) -> int:
+        """LISTs the caches have made so far (for tests and benchmarks)."""
+        return sum(i.lists for i in self._informers.values())
 
     # -- helpers -------------------------------------------------------------
 
@@ -366,27 +679,56 @@ class CrdStore:
         body = {"apiVersion": API_VERSION, "kind": kind.kind, "metadata": meta, "spec": spec}
         return body, merged_status
 
-    def _write(self, kind: Kind, body: Obj, status: Obj, *, create: bool) -> Revision:
+    def _write(self, table: Table[Any], kind: Kind, record: Any, old: Obj | None, *, create: bool) -> Revision:
+        """Write `record` over `old` (the object as read; None: a new object), then its status.
+
+        A 409 whose cause left the record alone (someone changed labels, annotations or
+        status of the object) is not the caller's conflict: the write is built again over
+        the fresh object and sent again.  A 409 because the record changed is Conflict."""
+        body, status = self._build(table, kind, record, old)
         name = body["metadata"]["name"]
-        if create:
-            obj = self._call(f"create {kind.plural}/{name}", self._api.create_cluster_custom_object,
-                             kind.plural, body, field_validation="Strict")
-        else:
-            obj = self._call(f"update {kind.plural}/{name}", self._api.replace_cluster_custom_object,
-                             kind.plural, name, body, field_validation="Strict")
-        status = dict(status, observedGeneration=obj["metadata"].get("generation", 1))
-        if obj.get("status") == status:
-            return Revision(str(obj["metadata"]["resourceVersion"]))
-        obj["status"] = status
-        try:
-            obj = self._call(f"update {kind.plural}/{name}/status",
-                             self._api.replace_cluster_custom_object_status, kind.plural, name, obj,
-                             field_validation="Strict")
-        except (errors.Conflict, errors.NotFound):
-            # Another writer (or a deleter) came in between: the record in the
-            # annotation is written; the status is theirs to project.  The
-            # revision we return is already stale, as it should be.
-            logger.info("status of %s/%s changed underneath; leaving it to the newer write", kind.plural, name)
+        ours = self._record_of({"metadata": body["metadata"]})
+        for attempt in range(_WRITE_RETRIES):
+            try:
+                if create:
+                    obj = self._call(f"create {kind.plural}/{name}", self._api.create_cluster_custom_object,
+                                     kind.plural, body, field_validation="Strict")
+                else:
+                    obj = self._call(f"update {kind.plural}/{name}", self._api.replace_cluster_custom_object,
+                                     kind.plural, name, body, field_validation="Strict")
+                break
+            except errors.Conflict:
+                if create or attempt == _WRITE_RETRIES - 1:
+                    raise
+                fresh = self._current(table, kind, table.key(record))
+                if fresh is None or old is None or self._record_of(fresh) != self._record_of(old):
+                    raise
+                old = fresh  # only others' metadata moved: the caller's revision still names this record
+                body, status = self._build(table, kind, record, old)
+        self._seen(table, obj)
+        for attempt in range(_WRITE_RETRIES):
+            want = dict(status, observedGeneration=obj["metadata"].get("generation", 1))
+            if obj.get("status") == want:
+                break
+            obj["status"] = want
+            try:
+                obj = self._call(f"update {kind.plural}/{name}/status",
+                                 self._api.replace_cluster_custom_object_status, kind.plural, name, obj,
+                                 field_validation="Strict")
+                self._seen(table, obj)
+                break
+            except (errors.Conflict, errors.NotFound):
+                fresh = self._current(table, kind, table.key(record))
+                if fresh is None or self._record_of(fresh) != ours:
+                    # Another writer (or a deleter) wrote a newer record: the status is
+                    # theirs to project.  The revision we return is stale, as it should be.
+                    logger.info("status of %s/%s changed underneath; leaving it to the newer write",
+                                kind.plural, name)
+                    break
+                obj = fresh  # a foreign metadata change only: project our record again
+                old_status = {k: v for k, v in (fresh.get("status") or {}).items()
+                              if k not in status and k != "observedGeneration"}
+                status = {**old_status, **status}
         return Revision(str(obj["metadata"]["resourceVersion"]))
 
     def _current(self, table: Table[Any], kind: Kind, key: str) -> Obj | None:
@@ -397,12 +739,16 @@ class CrdStore:
         if ann.get(KEY_ANNOTATION, key) != key:
             raise errors.BackendError(f"{kind.plural}/{object_name(key)} holds key {ann[KEY_ANNOTATION]!r}, "
                                       f"not {key!r} (name hash collision)")
+        self._seen(table, obj)
         return obj
 
     # -- StateStore: reads ---------------------------------------------------------
 
     def get(self, table: Table[T], key: str) -> Versioned[T] | None:
         kind = self._kind(table)
+        inf = self._cache(table, start=False)
+        if inf is not None:
+            return cast("Versioned[T] | None", inf.get(key))
         obj = self._current(table, kind, key)
         rec = None if obj is None else self._record_of(obj)
         if obj is None or rec is None:
@@ -414,12 +760,18 @@ class CrdStore:
         if func is None:
             raise errors.InvalidRequest(f"table {table.name} has no index {index!r}")
         kind = self._kind(table)
+        inf = self._cache(table, start=True)
+        if inf is not None:
+            return inf.find(index, value)
         found = self._decode_all(table, self._list_all(kind, f"{INDEX_LABEL_PREFIX}{index}={label_value(value)}"))
         return [v for _, v in found if func(v.value) == value]
 
     def list(self, table: Table[T], *, after: str = "", limit: int = 0) -> list[Versioned[T]]:
         if limit < 0:
             raise errors.InvalidRequest(f"limit must not be negative: {limit}")
+        inf = self._cache(table, start=True)
+        if inf is not None:
+            return inf.list(after, limit)
         found = [(k, v) for k, v in self._decode_all(table, self._list_all(self._kind(table))) if k > after]
         out = [v for _, v in found]
         return out[:limit] if limit else out
@@ -445,9 +797,8 @@ class CrdStore:
             if old is not None and (self._record_of(old) is not None or (old.get("metadata") or {}).get(
                     "deletionTimestamp")):
                 raise errors.Conflict(f"{table.name}/{key} already exists")
-        body, status = self._build(table, kind, record, old)
         try:
-            return self._write(kind, body, status, create=old is None)
+            return self._write(table, kind, record, old, create=old is None)
         except errors.Conflict as e:
             raise errors.Conflict(f"{table.name}/{key} already exists") from e
 
@@ -460,21 +811,41 @@ class CrdStore:
         if old["metadata"]["resourceVersion"] != revision:
             raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale "
                                   f"(now {old['metadata']['resourceVersion']})")
-        body, status = self._build(table, kind, record, old)
-        return self._write(kind, body, status, create=False)
+        return self._write(table, kind, record, old, create=False)
 
     def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
         kind = self._kind(table)
-        name = object_name(key)
         obj = self._current(table, kind, key)
         if obj is None or self._record_of(obj) is None:
+            self._forget(table, key)
             return
         rv = str(obj["metadata"]["resourceVersion"])
         if revision is not None and revision != rv:
             raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {rv})")
+        seen = self._record_of(obj)
+        for attempt in range(_WRITE_RETRIES):
+            try:
+                self._delete_once(kind, object_name(key), obj)
+                break
+            except errors.Conflict:
+                fresh = self._current(table, kind, key)
+                if fresh is None or self._record_of(fresh) is None:
+                    break
+                if attempt == _WRITE_RETRIES - 1 or self._record_of(fresh) != seen:
+                    raise
+                obj = fresh  # only others' metadata moved since we read it
+        self._forget(table, key)
+
+    def _forget(self, table: Table[Any], key: str) -> None:
+        inf = self._informers.get(table.name)
+        if inf is not None:
+            inf.forget(key)
+
+    def _delete_once(self, kind: Kind, name: str, obj: Obj) -> None:
+        rv = str(obj["metadata"]["resourceVersion"])
         finalizers = obj["metadata"].get("finalizers") or []
         if PAIR_FINALIZER in finalizers:
-            obj["metadata"]["finalizers"] = [f for f in finalizers if f != PAIR_FINALIZER]
+            obj = dict(obj, metadata=dict(obj["metadata"], finalizers=[f for f in finalizers if f != PAIR_FINALIZER]))
             try:
                 obj = self._call(f"update {kind.plural}/{name}", self._api.replace_cluster_custom_object,
                                  kind.plural, name, obj, field_validation="Strict")
@@ -494,6 +865,20 @@ class CrdStore:
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise wrap_api_error(e, f"delete {kind.plural}/{name}") from e
 
+    def apply(self, writes: Sequence[Write]) -> builtins.list[Revision | None]:
+        """One by one, in order: the API has no multi-object transaction."""
+        out: builtins.list[Revision | None] = []
+        for w in writes:
+            if isinstance(w, Put):
+                out.append(self.create(w.table, w.record) if w.revision is None
+                           else self.update(w.table, w.record, revision=w.revision))
+            elif isinstance(w, Remove):
+                self.delete(w.table, w.key, revision=w.revision)
+                out.append(None)
+            else:
+                raise errors.InvalidRequest(f"not a store write: {w!r}")
+        return out
+
     # -- StateStore: watch ---------------------------------------------------------
 
     def watch(self, table: Table[T], *, timeout: float) -> Iterator[Change[T]]:
@@ -506,16 +891,20 @@ class CrdStore:
         """
         kind = self._kind(table)
         deadline = time.monotonic() + timeout
+        inf = self._cache(table, start=True)
+        if inf is not None:
+            q, digests = inf.subscribe()
+            return self._watch_cached(table, kind, inf, q, digests, deadline)
         page = self._call(f"list {kind.plural}", self._api.list_cluster_custom_object, kind.plural)
-        known: dict[str, str] = {}
+        known: dict[str, Any] = {}
         for obj in page.get("items") or []:
             rec = self._record_of(obj)
             if rec is not None:
-                known[rec[0]] = rec[1]
+                known[rec[0]] = hash(rec[1])
         start = str((page.get("metadata") or {}).get("resourceVersion") or "")
         return self._watch(table, kind, start, known, deadline)
 
-    def _watch(self, table: Table[T], kind: Kind, rv: str, known: dict[str, str],
+    def _watch(self, table: Table[T], kind: Kind, rv: str, known: dict[str, Any],
                deadline: float) -> Iterator[Change[T]]:
         while True:
             left = deadline - time.monotonic()
@@ -544,8 +933,27 @@ class CrdStore:
             finally:
                 w.stop()
 
+    def _watch_cached(self, table: Table[T], kind: Kind, inf: _Informer, q: queue.SimpleQueue[Any],
+                      known: dict[str, int], deadline: float) -> Iterator[Change[T]]:
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    item = q.get(timeout=left)
+                except queue.Empty:
+                    return
+                if item is _GAP:
+                    raise errors.Conflict(f"watch on {table.name}: the cache had to list again; list again")
+                change = self._change(table, kind, item[0], item[1], known)
+                if change is not None:
+                    yield change
+        finally:
+            inf.unsubscribe(q)
+
     def _change(self, table: Table[T], kind: Kind, type_: str, obj: Obj,
-                known: dict[str, str]) -> Change[T] | None:
+                known: dict[str, Any]) -> Change[T] | None:
         meta = obj.get("metadata") or {}
         ann = meta.get("annotations") or {}
         key = ann.get(KEY_ANNOTATION)
@@ -563,9 +971,10 @@ class CrdStore:
         if have.get("observedGeneration") != meta.get("generation") or any(
                 have.get(k) != v for k, v in status.items()):
             return None
-        if known.get(key) == rec[1]:
+        digest = hash(rec[1])
+        if known.get(key) == digest:
             return None
-        known[key] = rec[1]
+        known[key] = digest
         return Change(kind="put", key=key, value=codec.from_dict(table.type, json.loads(rec[1])), revision=rv)
 
     # -- extras --------------------------------------------------------------------
@@ -592,6 +1001,8 @@ class CrdStore:
         return sorted(out, key=lambda s: s.id)
 
     def close(self) -> None:
+        for inf in builtins.list(self._informers.values()):
+            inf.close()
         self._client.close()
 
 

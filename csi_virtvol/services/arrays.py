@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # LUNs the driver provisions are named after their volume ("vv-..."/"vs-...").
 OWNED_PREFIXES = ("vv-", "vs-")
+INVENTORY_MAX = 500  # LUNs listed in an array's record
 
 
 class ArrayPool:
@@ -107,10 +108,12 @@ class ArrayPool:
                         log.info("array %s: found intact LUN %s (%d bytes)", info.id, lun.id, lun.size)
                     except errors.Conflict:
                         pass
+            # at most INVENTORY_MAX LUNs (by id): a StorageArray object must stay far below the API
+            # server's object size limit with 10,000s of LUNs; the LUN records have them all
             inventory = tuple(
                 LunSummary(id=r.value.id, size=r.value.size, state=r.value.state, origin=r.value.origin,
                            volume=r.value.volume)
-                for r in self._store.find(store_base.LUNS, index="array", value=info.id))
+                for r in self._store.find(store_base.LUNS, index="array", value=info.id)[:INVENTORY_MAX])
             store_base.upsert(self._store, store_base.ARRAYS, dataclasses.replace(info, luns=inventory))
 
     def keep_synced(self, stop: "threading.Event", *, period: float = 30.0,

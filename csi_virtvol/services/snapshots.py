@@ -151,6 +151,12 @@ class SnapshotService:
                             failed.value.targets[0].reason)
                 self._discard(sid)
                 existing = None
+            elif existing is not None and failed is None and existing.value.state is VolumeState.COPYING:
+                # under the name lock, a target without its pair is what a crash between the two
+                # writes leaves (no one else writes it): start again instead of waiting for resume
+                log.warning("snapshot %s: its copy was recorded but never started; starting again", sid)
+                self._discard(sid)
+                existing = None
             if existing is not None:
                 if existing.value.state is VolumeState.COPYING:
                     self._ensure_worker(sid)

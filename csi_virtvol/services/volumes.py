@@ -110,11 +110,16 @@ class VolumeService:
         if after and self._store.get(S.VOLUMES, after) is None and not self._token_ok(after, kind):
             raise errors.InvalidToken(f"starting_token {after!r} is not valid")
         out: list[VirtualVolume] = []
-        cursor = after
+        # ids of one kind share a prefix and the store lists by key: start at the prefix and
+        # stop past it, so listing volumes never reads the snapshots (and the other way round)
+        prefix = "vv-" if kind is VolumeKind.VOLUME else "vs-"
+        cursor = max(after, prefix)
         batch = max(limit, 64)
         while True:
             recs = self._store.list(S.VOLUMES, after=cursor, limit=batch)
             for r in recs:
+                if not r.value.id.startswith(prefix):
+                    return Page(volumes=tuple(out), next_token="")
                 cursor = r.value.id
                 v = r.value
                 if v.kind is kind and v.state in (VolumeState.AVAILABLE, VolumeState.COPYING):
@@ -215,6 +220,14 @@ class VolumeService:
                      if r.value.array == array and r.value.state is LunState.INTACT
                      and r.value.origin is LunOrigin.DISCOVERED)
 
+    def _intact_by_array(self) -> dict[ArrayId, tuple[Lun, ...]]:
+        """`_intact_luns` of every array, from one index look-up."""
+        out: dict[ArrayId, list[Lun]] = {}
+        for r in self._store.find(S.LUNS, index="volume", value=""):
+            if r.value.state is LunState.INTACT and r.value.origin is LunOrigin.DISCOVERED:
+                out.setdefault(r.value.array, []).append(r.value)
+        return {a: tuple(v) for a, v in out.items()}
+
     def _groups(self, infos: Sequence[ArrayInfo]) -> list[list[ArrayInfo]]:
         """Arrays that can serve one volume together: same (or no) topology."""
         groups: dict[tuple[tuple[str, str], ...], list[ArrayInfo]] = {}
@@ -237,8 +250,9 @@ class VolumeService:
         if segments:  # preferred topology first
             groups.sort(key=lambda g: next((n for n, s in enumerate(segments)
                                              if TopologyFilter([s])(_topology_of(g))), len(segments)))
+        intact = self._intact_by_array()
         total = sum(i.capacity_total for i in infos) + sum(
-            x.size for i in infos for x in self._intact_luns(i.id))
+            x.size for i in infos for x in intact.get(i.id, ()))
         if size > total:
             raise errors.OutOfRange(
                 f"{size} bytes can never fit: the eligible arrays hold {total} bytes in all")
@@ -249,7 +263,7 @@ class VolumeService:
         last: errors.VirtvolError | None = None
         for layout in layouts:
             for group in groups:
-                cands = [Candidate(array=i.id, free=i.capacity_free, intact=self._intact_luns(i.id))
+                cands = [Candidate(array=i.id, free=i.capacity_free, intact=intact.get(i.id, ()))
                          for i in group]
                 try:
                     planned = plan_extents(size=size, candidates=cands, layout=layout,
@@ -268,23 +282,34 @@ class VolumeService:
         raise last
 
     def _provision(self, vol: VirtualVolume, rev: Revision) -> VirtualVolume:
-        """Make every planned LUN exist and be ours; then mark the volume available."""
+        """Make every planned LUN exist and be ours; then mark the volume available.
+
+        The CREATING record (the intent) is already durable.  The LUN records and
+        the AVAILABLE state go in one `apply` at the end: one commit, not one per
+        LUN.  A crash before it leaves LUNs that only the CREATING record names,
+        which a retry claims again (create_lun is idempotent by name) and
+        recover() rolls back."""
         made: list[Extent] = []
+        writes: list[S.Write] = []
         try:
             for e in vol.extents:
-                self._claim_lun(vol, e)
+                w = self._claim_lun(vol, e)
+                if w is not None:
+                    writes.append(w)
                 made.append(e)
         except errors.VirtvolError:
             log.warning("volume %s: provisioning failed; rolling back %d LUN(s)", vol.id, len(made))
             self._rollback(vol)
             raise
         done = dataclasses.replace(vol, state=VolumeState.AVAILABLE)
-        self._store.update(S.VOLUMES, done, revision=rev)
+        # if this fails the volume stays CREATING with its LUNs made: a retry resumes it
+        self._store.apply([*writes, S.Put(table=S.VOLUMES, record=done, revision=rev)])
         log.info("volume %s (%s): %d bytes on %s", vol.id, vol.name, vol.size,
                  ", ".join(f"{e.array}/{e.lun}[{e.length}]" for e in vol.extents))
         return done
 
-    def _claim_lun(self, vol: VirtualVolume, e: Extent) -> None:
+    def _claim_lun(self, vol: VirtualVolume, e: Extent) -> S.Write | None:
+        """Make (or take) the extent's LUN; the store write that records it as the volume's."""
         key = f"{e.array}:{e.lun}"
         rec = self._store.get(S.LUNS, key)
         driver = self._arrays.driver(e.array)
@@ -292,37 +317,41 @@ class VolumeService:
             if rec.value.volume and rec.value.volume != vol.id:
                 raise errors.Conflict(f"LUN {key} was taken by {rec.value.volume}")
             if rec.value.volume != vol.id:
-                self._store.update(S.LUNS, dataclasses.replace(
+                return S.Put(table=S.LUNS, record=dataclasses.replace(
                     rec.value, state=LunState.IN_USE, volume=vol.id), revision=rec.revision)
-            return
+            return None
         lun = driver.create_lun(name=e.lun, size=e.length)
         claimed = dataclasses.replace(lun, state=LunState.IN_USE, origin=LunOrigin.PROVISIONED, volume=vol.id)
         if rec is None:
-            self._store.create(S.LUNS, claimed)
-        elif rec.value != claimed:
-            self._store.update(S.LUNS, claimed, revision=rec.revision)
+            return S.Put(table=S.LUNS, record=claimed)
+        if rec.value != claimed:
+            return S.Put(table=S.LUNS, record=claimed, revision=rec.revision)
+        return None
 
     def _rollback(self, vol: VirtualVolume) -> None:
-        for e in vol.extents:
-            self._free_extent(vol.id, e)
-        self._store.delete(S.VOLUMES, vol.id)
+        writes = [w for e in vol.extents if (w := self._free_extent(vol.id, e)) is not None]
+        self._store.apply([*writes, S.Remove(table=S.VOLUMES, key=vol.id)])
 
-    def _free_extent(self, vid: VolumeId, e: Extent) -> None:
-        """Give a LUN back: ours are deleted, discovered ones wiped and made intact."""
+    def _free_extent(self, vid: VolumeId, e: Extent) -> S.Write | None:
+        """Give a LUN back: ours are deleted, discovered ones wiped and made intact.
+        Returns the store write that records it (the caller applies it)."""
         key = f"{e.array}:{e.lun}"
         rec = self._store.get(S.LUNS, key)
         driver = self._arrays.driver(e.array)
         if rec is not None and rec.value.origin is LunOrigin.DISCOVERED:
             if rec.value.volume == vid:
                 driver.wipe_lun(lun_id=e.lun)
-                self._store.update(S.LUNS, dataclasses.replace(
+                return S.Put(table=S.LUNS, record=dataclasses.replace(
                     rec.value, state=LunState.INTACT, volume=""), revision=rec.revision)
-            return
+            return None
         if rec is not None and rec.value.volume not in ("", vid):
-            return  # not ours
+            return None  # not ours
         driver.delete_lun(lun_id=e.lun)
-        if rec is not None:
-            self._store.delete(S.LUNS, key)
+        return None if rec is None else S.Remove(table=S.LUNS, key=key)
+
+    def _free_extents(self, vid: VolumeId, extents: Sequence[Extent]) -> None:
+        """Free the extents now, with one store commit for all of them."""
+        self._store.apply([w for e in extents if (w := self._free_extent(vid, e)) is not None])
 
     # -- delete --------------------------------------------------------------
     def delete(self, volume_id: str, *, kind: VolumeKind = VolumeKind.VOLUME) -> None:
@@ -356,20 +385,21 @@ class VolumeService:
             self._destroy(rec.value, rec.revision)
 
     def _destroy(self, vol: VirtualVolume, rev: Revision) -> None:
+        """The DELETING intent is made durable first; after the LUNs are freed, every
+        record that goes (LUNs, pairs, the volume) goes in one `apply`."""
         if vol.state is not VolumeState.DELETING:
             vol = dataclasses.replace(vol, state=VolumeState.DELETING)
             rev = self._store.update(S.VOLUMES, vol, revision=rev)
-        for e in vol.extents:
-            self._free_extent(vol.id, e)
+        writes = [w for e in vol.extents if (w := self._free_extent(vol.id, e)) is not None]
         # pair dissolution (seed [0084]): the pair this volume is the copy of goes, and so do the
         # split pairs it is the source of (their copies stay, as static images)
         own = self._store.get(S.PAIRS, vol.id)
         if own is not None:
             tracking.stop(self._arrays, own.value)
-        self._store.delete(S.PAIRS, vol.id)
+            writes.append(S.Remove(table=S.PAIRS, key=vol.id))
         for rec in self._store.find(S.PAIRS, index="source", value=vol.id):
-            self._store.delete(S.PAIRS, rec.value.id)
-        self._store.delete(S.VOLUMES, vol.id)
+            writes.append(S.Remove(table=S.PAIRS, key=rec.value.id))
+        self._store.apply([*writes, S.Remove(table=S.VOLUMES, key=vol.id)])
         log.info("%s %s (%s) deleted; %d LUN(s) freed", vol.kind.value, vol.id, vol.name, len(vol.extents))
 
     # -- expand --------------------------------------------------------------
@@ -398,8 +428,7 @@ class VolumeService:
                     for a in vol.attachments:  # nodes it is published to may reach the new LUNs
                         access.grant(self._arrays, self._store, node_id=a.node, extents=added)
                 except BaseException:
-                    for e in added:
-                        self._free_extent(vol.id, e)
+                    self._free_extents(vol.id, added)
                     raise
                 extents = extents + added
             grown = dataclasses.replace(vol, size=size, extents=extents)
@@ -432,13 +461,16 @@ class VolumeService:
                                lun_name=LunNamer(prefix=vol.id), first_index=_next_index(vol))
         new = _extents(planned)
         done: list[Extent] = []
+        writes: list[S.Write] = []
         try:
             for e in new:
-                self._claim_lun(vol, e)
+                w = self._claim_lun(vol, e)
+                if w is not None:
+                    writes.append(w)
                 done.append(e)
+            self._store.apply(writes)
         except errors.VirtvolError:
-            for e in done:
-                self._free_extent(vol.id, e)
+            self._free_extents(vol.id, done)
             raise
         return new
 

@@ -10,9 +10,10 @@ store can honour the same contract.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import builtins
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from csi_virtvol.model.array import ArrayInfo, Lun
 from csi_virtvol.model.group import GroupSnapshot
@@ -46,6 +47,27 @@ class Change(Generic[T]):
     key: str
     value: T | None
     revision: Revision
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Put(Generic[T]):
+    """One write of `apply`: create `record` (revision None) or replace it at `revision`."""
+
+    table: Table[T]
+    record: T
+    revision: Revision | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Remove(Generic[T]):
+    """One write of `apply`: delete `key` (at `revision`, when given); a missing key is no error."""
+
+    table: Table[T]
+    key: str
+    revision: Revision | None = None
+
+
+Write = Put[Any] | Remove[Any]
 
 
 ARRAYS: Table[ArrayInfo] = Table(name="arrays", type=ArrayInfo, key=lambda a: a.id)
@@ -85,6 +107,17 @@ class StateStore(Protocol):
 
     def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
         """Remove; a missing key is not an error; Conflict on a stale revision."""
+
+    def apply(self, writes: Sequence[Write]) -> builtins.list[Revision | None]:
+        """Several writes in order, as one call; the new revision of each (None for a Remove).
+
+        Each write has the semantics of create/update/delete.  The first one that
+        fails raises its error.  Whether the writes before it stay is the store's:
+        SQLite applies all or none (one transaction, one fsync), the CRD store
+        applies them one by one.  So callers keep multi-record changes crash-safe
+        with intent states, exactly as for single writes, and use `apply` to pay
+        for one durable commit instead of several where the store can.
+        """
 
     def watch(self, table: Table[T], *, timeout: float) -> Iterator[Change[T]]:
         """Changes to the table from now on, until `timeout` seconds pass."""

@@ -22,11 +22,21 @@ writers never deadlock on a lock upgrade).  The file runs in WAL mode with
 or the machine.  Several processes may share the file; a process may open it
 read-only (``readonly=True``), which needs a writer to have created it.
 
+Writes are *group-committed*: the writes that threads of one process issue
+while a commit is in flight queue up, and the next thread to commit runs all
+of them in one transaction, each inside its own SAVEPOINT (so one write's
+Conflict undoes only that write), then one COMMIT, i.e. one fsync of the WAL
+for the whole group.  No call returns before the COMMIT holding its write is
+durable, so the guarantee above is unchanged; what changes is that sixteen
+concurrent callers pay for about one fsync, not sixteen in a row.  `apply`
+puts several writes of one call into one SAVEPOINT: all or none.
+
 Connections are pooled: a call borrows an idle connection or opens one, so
 the store is safe to share between the threads of the gRPC server.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -35,13 +45,13 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 from csi_virtvol import errors
 from csi_virtvol.model import codec
 from csi_virtvol.model.ids import Revision
-from csi_virtvol.store.base import Change, Table, Versioned
+from csi_virtvol.store.base import Change, Put, Remove, Table, Versioned, Write
 
 T = TypeVar("T")
 
@@ -67,6 +77,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 _TRIM_EVERY = 64      # trim the change log when seq is a multiple of this
 _WATCH_BATCH = 256    # change rows read per poll
+_GROUP_MAX = 256      # writes per group commit at most
+_DECODE_CACHE = 50_000  # decoded records kept (about 2 KiB each)
+
+
+class _Pending:
+    """One caller's write waiting for a group commit."""
+
+    __slots__ = ("fn", "done", "lead", "result", "error")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.lead = False          # woken to run the next group, not because it is done
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 class SqliteStore:
@@ -91,6 +116,12 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
+        self._wlock = threading.Lock()     # guards _queue and _committing
+        self._queue: list[_Pending] = []
+        self._committing = False
+        self._decodes: dict[tuple[str, str], tuple[int, Versioned[Any]]] = {}
+        self._indexed: set[str] = set()    # tables whose index rows match their Table (committed)
+        self._checked: set[str] = set()    # ... found so by the group being committed
         if readonly and not os.path.exists(path):
             raise errors.BackendUnavailable(f"state store {path} does not exist yet")
         self._open()
@@ -204,11 +235,16 @@ class SqliteStore:
 
     # -- reads -------------------------------------------------------------
 
+    def _read1(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection for a read of one statement: atomic by itself in autocommit mode, so
+        it needs no BEGIN/COMMIT around it (a third of the cost of a small read)."""
+        return self._conn()
+
     def get(self, table: Table[T], key: str) -> Versioned[T] | None:
-        with self._txn(write=False) as conn:
+        with self._read1() as conn, _wrapped(self._path):
             row = conn.execute("SELECT rev, body FROM records WHERE tbl = ? AND key = ?",
                                (table.name, key)).fetchone()
-        return None if row is None else _versioned(table, row[0], row[1])
+        return None if row is None else self._decoded(table, key, row[0], row[1])
 
     def find(self, table: Table[T], *, index: str, value: str) -> list[Versioned[T]]:
         func = table.indexes.get(index)
@@ -217,10 +253,10 @@ class SqliteStore:
         with self._txn(write=False) as conn:
             if index in _indexed_names(conn, table.name):
                 rows = conn.execute(
-                    "SELECT r.rev, r.body FROM idx i JOIN records r ON r.tbl = i.tbl AND r.key = i.key"
+                    "SELECT r.key, r.rev, r.body FROM idx i JOIN records r ON r.tbl = i.tbl AND r.key = i.key"
                     " WHERE i.tbl = ? AND i.name = ? AND i.value = ? ORDER BY i.key",
                     (table.name, index, value)).fetchall()
-                return [_versioned(table, rev, body) for rev, body in rows]
+                return [self._decoded(table, key, rev, body) for key, rev, body in rows]
             # Not materialised yet (a read-only opener, or no write since the
             # index was added): scan.
             rows = conn.execute("SELECT rev, body FROM records WHERE tbl = ? ORDER BY key",
@@ -231,59 +267,168 @@ class SqliteStore:
     def list(self, table: Table[T], *, after: str = "", limit: int = 0) -> list[Versioned[T]]:
         if limit < 0:
             raise errors.InvalidRequest(f"limit must not be negative: {limit}")
-        with self._txn(write=False) as conn:
+        with self._read1() as conn, _wrapped(self._path):
             rows = conn.execute(
-                "SELECT rev, body FROM records WHERE tbl = ? AND key > ? ORDER BY key LIMIT ?",
+                "SELECT key, rev, body FROM records WHERE tbl = ? AND key > ? ORDER BY key LIMIT ?",
                 (table.name, after, limit or -1)).fetchall()
-        return [_versioned(table, rev, body) for rev, body in rows]
+        return [self._decoded(table, key, rev, body) for key, rev, body in rows]
+
+    def _decoded(self, table: Table[T], key: str, rev: int, body: str) -> Versioned[T]:
+        """The record decoded, reusing the last decoding of the same revision (records are
+        frozen dataclasses): a list of 10,000 unchanged records decodes none of them."""
+        hit = self._decodes.get((table.name, key))
+        if hit is not None and hit[0] == rev:
+            return cast("Versioned[T]", hit[1])
+        v = _versioned(table, rev, body)
+        if len(self._decodes) >= _DECODE_CACHE:
+            self._decodes.clear()
+        self._decodes[(table.name, key)] = (rev, v)
+        return v
 
     # -- writes ------------------------------------------------------------
 
     def create(self, table: Table[T], record: T) -> Revision:
-        key = table.key(record)
-        body = _encode(record)
-        with self._txn(write=True) as conn:
-            self._sync_indexes(conn, table)
-            if conn.execute("SELECT 1 FROM records WHERE tbl = ? AND key = ?",
-                            (table.name, key)).fetchone() is not None:
-                raise errors.Conflict(f"{table.name}/{key} already exists")
-            seq = self._log(conn, table.name, key, "put", body)
-            conn.execute("INSERT INTO records(tbl, key, rev, body) VALUES (?, ?, ?, ?)",
-                         (table.name, key, seq, body))
-            _write_index(conn, table, key, record)
-        return Revision(str(seq))
+        key, body = table.key(record), _encode(record)
+        return Revision(str(self._write(lambda conn: self._create(conn, table, key, record, body))))
 
     def update(self, table: Table[T], record: T, *, revision: Revision) -> Revision:
-        key = table.key(record)
-        body = _encode(record)
+        key, body = table.key(record), _encode(record)
         want = _parse_revision(table, key, revision)
-        with self._txn(write=True) as conn:
-            self._sync_indexes(conn, table)
-            row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
-                               (table.name, key)).fetchone()
-            if row is None:
-                raise errors.NotFound(f"{table.name}/{key} does not exist")
-            if row[0] != want:
-                raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {row[0]})")
-            seq = self._log(conn, table.name, key, "put", body)
-            conn.execute("UPDATE records SET rev = ?, body = ? WHERE tbl = ? AND key = ?",
-                         (seq, body, table.name, key))
-            conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
-            _write_index(conn, table, key, record)
-        return Revision(str(seq))
+        return Revision(str(self._write(lambda conn: self._update(conn, table, key, record, body, want))))
 
     def delete(self, table: Table[T], key: str, *, revision: Revision | None = None) -> None:
         want = None if revision is None else _parse_revision(table, key, revision)
-        with self._txn(write=True) as conn:
-            row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
-                               (table.name, key)).fetchone()
-            if row is None:
-                return
-            if want is not None and row[0] != want:
-                raise errors.Conflict(f"{table.name}/{key}: revision {revision} is stale (now {row[0]})")
-            self._log(conn, table.name, key, "delete", None)
-            conn.execute("DELETE FROM records WHERE tbl = ? AND key = ?", (table.name, key))
-            conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+        self._write(lambda conn: self._delete(conn, table, key, want))
+
+    def apply(self, writes: Sequence[Write]) -> builtins.list[Revision | None]:
+        """All the writes or none, in one transaction (and one fsync)."""
+        steps = [self._step(w) for w in writes]
+        if not steps:
+            return []
+        seqs: builtins.list[int | None] = self._write(lambda conn: [step(conn) for step in steps])
+        return [None if q is None else Revision(str(q)) for q in seqs]
+
+    def _step(self, w: Write) -> Callable[[sqlite3.Connection], int | None]:
+        """One write of `apply`, checked now, run later inside the transaction."""
+        if isinstance(w, Put):
+            table: Table[Any] = w.table
+            record, key = w.record, w.table.key(w.record)
+            body = _encode(record)
+            if w.revision is None:
+                return lambda conn: self._create(conn, table, key, record, body)
+            want = _parse_revision(table, key, w.revision)
+            return lambda conn: self._update(conn, table, key, record, body, want)
+        if isinstance(w, Remove):
+            rtable: Table[Any] = w.table
+            rkey = w.key
+            rwant = None if w.revision is None else _parse_revision(rtable, rkey, w.revision)
+            return lambda conn: self._delete(conn, rtable, rkey, rwant)
+        raise errors.InvalidRequest(f"not a store write: {w!r}")
+
+    def _create(self, conn: sqlite3.Connection, table: Table[T], key: str, record: T, body: str) -> int:
+        self._sync_indexes(conn, table)
+        if conn.execute("SELECT 1 FROM records WHERE tbl = ? AND key = ?",
+                        (table.name, key)).fetchone() is not None:
+            raise errors.Conflict(f"{table.name}/{key} already exists")
+        seq = self._log(conn, table.name, key, "put", body)
+        conn.execute("INSERT INTO records(tbl, key, rev, body) VALUES (?, ?, ?, ?)",
+                     (table.name, key, seq, body))
+        _write_index(conn, table, key, record)
+        return seq
+
+    def _update(self, conn: sqlite3.Connection, table: Table[T], key: str, record: T, body: str,
+                want: int) -> int:
+        self._sync_indexes(conn, table)
+        row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
+                           (table.name, key)).fetchone()
+        if row is None:
+            raise errors.NotFound(f"{table.name}/{key} does not exist")
+        if row[0] != want:
+            raise errors.Conflict(f"{table.name}/{key}: revision {want} is stale (now {row[0]})")
+        seq = self._log(conn, table.name, key, "put", body)
+        conn.execute("UPDATE records SET rev = ?, body = ? WHERE tbl = ? AND key = ?",
+                     (seq, body, table.name, key))
+        conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+        _write_index(conn, table, key, record)
+        return seq
+
+    def _delete(self, conn: sqlite3.Connection, table: Table[T], key: str, want: int | None) -> None:
+        row = conn.execute("SELECT rev FROM records WHERE tbl = ? AND key = ?",
+                           (table.name, key)).fetchone()
+        if row is None:
+            return
+        if want is not None and row[0] != want:
+            raise errors.Conflict(f"{table.name}/{key}: revision {want} is stale (now {row[0]})")
+        self._log(conn, table.name, key, "delete", None)
+        conn.execute("DELETE FROM records WHERE tbl = ? AND key = ?", (table.name, key))
+        conn.execute("DELETE FROM idx WHERE tbl = ? AND key = ?", (table.name, key))
+
+    # -- group commit --------------------------------------------------------
+
+    def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `fn` in a write transaction, shared with the writes queued meanwhile."""
+        if self._readonly:
+            raise errors.PreconditionFailed(f"state store {self._path} is open read-only")
+        me = _Pending(fn)
+        with self._wlock:
+            self._queue.append(me)
+            lead = not self._committing
+            if lead:
+                self._committing = True
+        while not lead:
+            me.done.wait()
+            if not me.lead:
+                break
+            me.lead, lead = False, True
+            me.done.clear()
+        if lead:
+            self._lead()
+        if me.error is not None:
+            raise me.error
+        return me.result
+
+    def _lead(self) -> None:
+        """Commit the queued writes as one group, then hand the next group to its first waiter."""
+        with self._wlock:
+            group, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
+        try:
+            self._commit(group)
+        finally:
+            with self._wlock:
+                if self._queue:
+                    nxt = self._queue[0]
+                    nxt.lead = True
+                    nxt.done.set()
+                else:
+                    self._committing = False
+
+    def _commit(self, group: builtins.list[_Pending]) -> None:
+        self._checked = set()
+        try:
+            with self._conn() as conn:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for p in group:
+                        conn.execute("SAVEPOINT w")
+                        try:
+                            p.result = p.fn(conn)
+                        except sqlite3.Error:
+                            raise  # the transaction itself is in trouble: fail the group
+                        except BaseException as e:  # this write's own error (Conflict, ...): undo it alone
+                            conn.execute("ROLLBACK TO w")
+                            p.error = e
+                        conn.execute("RELEASE w")
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    raise _wrap(e, f"state store {self._path}") from e
+            self._indexed |= self._checked
+        except BaseException as e:
+            for p in group:
+                if p.error is None:
+                    p.error, p.result = e, None
+        finally:
+            for p in group:
+                p.done.set()
 
     def _log(self, conn: sqlite3.Connection, tbl: str, key: str, kind: str, body: str | None) -> int:
         cur = conn.execute("INSERT INTO changes(tbl, key, kind, body) VALUES (?, ?, ?, ?)",
@@ -299,8 +444,11 @@ class SqliteStore:
 
     def _sync_indexes(self, conn: sqlite3.Connection, table: Table[T]) -> None:
         """Rebuild the table's index rows if they were built for other index names."""
+        if table.name in self._indexed:
+            return  # checked (or rebuilt) by this process already
         names = sorted(table.indexes)
         if _indexed_names(conn, table.name) == names:
+            self._checked.add(table.name)  # remembered once this transaction commits
             return
         logger.info("state store %s: indexing table %s by %s", self._path, table.name, names)
         conn.execute("DELETE FROM idx WHERE tbl = ?", (table.name,))
@@ -345,6 +493,14 @@ class SqliteStore:
             if left <= 0:
                 return
             time.sleep(min(self._poll_interval, left))
+
+
+@contextlib.contextmanager
+def _wrapped(path: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise _wrap(e, f"state store {path}") from e
 
 
 def _wrap(e: sqlite3.Error, what: str) -> errors.VirtvolError:

@@ -489,3 +489,43 @@ def test_concurrent_creates_of_one_key(store: StateStore) -> None:
         w.join()
     assert sorted(outcomes) == ["lost"] * (threads - 1) + ["won"]
     assert len(store.list(LUNS)) == 1
+
+
+# -- several writes in one call ------------------------------------------------------
+
+def test_apply_writes_in_order_and_returns_each_revision(store: StateStore) -> None:
+    from csi_virtvol.store.base import Put, Remove
+
+    vrev = store.create(VOLUMES, volume("v1", state=VolumeState.CREATING))
+    store.create(LUNS, lun("gold", "old", volume="v1"))
+    revs = store.apply([
+        Put(table=LUNS, record=lun("gold", "l1", volume="v1")),
+        Put(table=LUNS, record=lun("gold", "l7", volume="v1")),
+        Remove(table=LUNS, key="gold:old"),
+        Remove(table=LUNS, key="gold:never-was"),
+        Put(table=VOLUMES, record=volume("v1"), revision=vrev),
+    ])
+    assert len(revs) == 5 and revs[2] is None and revs[3] is None
+    for key, rev in (("gold:l1", revs[0]), ("gold:l7", revs[1])):
+        got = store.get(LUNS, key)
+        assert got is not None and got.revision == rev and got.value.volume == "v1"
+    assert store.get(LUNS, "gold:old") is None
+    v = store.get(VOLUMES, "v1")
+    assert v is not None and v.revision == revs[4] and v.value.state is VolumeState.AVAILABLE
+    assert len({r for r in revs if r is not None}) == 3
+    assert store.apply([]) == []
+
+
+def test_apply_stops_at_the_first_failing_write(store: StateStore) -> None:
+    from csi_virtvol.store.base import Put
+
+    store.create(LUNS, lun("gold", "taken"))
+    with pytest.raises(errors.Conflict):
+        store.apply([Put(table=LUNS, record=lun("gold", "before")),
+                     Put(table=LUNS, record=lun("gold", "taken", volume="v9")),
+                     Put(table=LUNS, record=lun("gold", "after"))])
+    assert store.get(LUNS, "gold:after") is None  # nothing after the failure is written
+    got = store.get(LUNS, "gold:taken")
+    assert got is not None and got.value.volume == ""
+    with pytest.raises(errors.NotFound):
+        store.apply([Put(table=LUNS, record=lun("gold", "missing"), revision=got.revision)])

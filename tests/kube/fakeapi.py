@@ -41,10 +41,16 @@ Tests drive what controllers would do (a Job's status, a Pod's log) through
 the hooks at the bottom of `FakeApiServer`: also injected faults (`inject_fault`: a 5xx or 429
 answer, or a connection closed unanswered, e.g. on pods/log), a Job retried under the same name
 (`recreate_job`: a new uid, the old pods left), and pods/log's tailLines/limitBytes.
+the hooks at the bottom of `FakeApiServer`.  `inject_conflicts(rate)` plays
+another writer racing the client: before a PUT or a DELETE of a custom
+resource, with probability `rate`, the object is first changed by someone else
+(an annotation, a new resourceVersion, a MODIFIED event), so the client's
+resourceVersion is really stale and the server answers 409 as a real one would.
 """
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import dataclasses
 import datetime as dt
@@ -457,6 +463,9 @@ class FakeApiServer:
         self.warnings: list[str] = []               # Warning headers sent
         self.crds: list[Obj] = []
         self._validate_builtins = validate_builtins
+        self._conflict_rate = 0.0
+        self._conflict_rng: Any = None
+        self.injected = 0                           # conflicts caused by inject_conflicts
         if crd_dir is not None:
             for path in sorted(Path(crd_dir).glob("*.yaml")):
                 for doc in yaml.safe_load_all(path.read_text()):
@@ -876,7 +885,9 @@ class FakeApiServer:
         while True:
             with self._lock:
                 while True:
-                    new = [e for e in self._history if e.rv > cursor]
+                    # the history is in rv order: find the first newer event by bisection (a
+                    # scan of the whole history per wake-up made every write O(history))
+                    new = self._history[bisect.bisect_right(self._history, cursor, key=lambda e: e.rv):]
                     if new or self._stopping:
                         break
                     left = deadline - time.monotonic()
@@ -942,6 +953,30 @@ class FakeApiServer:
             obj["status"] = status
             obj = self.update(res, namespace, obj["metadata"]["name"], obj, status=True)
         return obj
+
+    def inject_conflicts(self, rate: float, *, seed: int = 0) -> None:
+        """From now on, race each PUT/DELETE of a custom resource with another writer at `rate`."""
+        import random
+        with self._lock:
+            self._conflict_rate = rate
+            self._conflict_rng = random.Random(seed)
+
+    def _maybe_race(self, res: Resource, ns: str, name: str) -> None:
+        """Another client's write lands first (called before a custom resource's PUT/DELETE)."""
+        with self._lock:
+            if not res.custom or not self._conflict_rate or self._conflict_rng.random() >= self._conflict_rate:
+                return
+            key = self._key(res, ns, name)
+            old = self._objects.get(key)
+            if old is None:
+                return
+            new = copy.deepcopy(old)
+            ann = new["metadata"].setdefault("annotations", {})
+            ann["fake.example.org/touched"] = str(int(ann.get("fake.example.org/touched", "0")) + 1)
+            new["metadata"]["resourceVersion"] = str(self._next_rv())
+            self._objects[key] = new
+            self._record(res, "MODIFIED", new, old)
+            self.injected += 1
 
     def set_pod_log(self, namespace: str, name: str, text: str) -> None:
         with self._lock:
@@ -1140,6 +1175,7 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
                     self._send_json(201, api.create(res, nsv, body, field_validation=fv, warnings=warnings),
                                     warnings)
                 elif method == "PUT" and name is not None:
+                    api._maybe_race(res, nsv, name)
                     self._send_json(200, api.update(res, nsv, name, body, status=sub == "status",
                                                     field_validation=fv, warnings=warnings), warnings)
                 elif method == "PATCH" and name is not None:
@@ -1147,6 +1183,7 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
                                                    status=sub == "status", field_validation=fv,
                                                    warnings=warnings), warnings)
                 elif method == "DELETE" and name is not None and sub is None:
+                    api._maybe_race(res, nsv, name)
                     obj, gone = api.delete(res, nsv, name, body)
                     if gone and not res.return_deleted:
                         self._send_json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {},

@@ -125,3 +125,46 @@ def test_extents_column_shows_every_extent(fake_api: FakeApiServer, store: CrdSt
         dataclasses.replace(volume("v1").extents[0], lun="l9", length=(64 << 20) + 512),))
     store.update(VOLUMES, grown, revision=rev)
     assert column(fake_api.find(GROUP, "virtualvolumes", "v1") or {}) == "gold:1Gi,silver:2Gi,gold:67109376"
+
+
+def test_idle_node_plugin_makes_no_requests(fake_api: FakeApiServer, client: Any, tmp_path: Path) -> None:
+    """Issue 12 item 5: an idle node's FenceKeeper must not poll VolumePairs (it made about
+    3.4 LISTs and 1.7 new watches a second).  With the store's watch-fed cache it makes
+    none while nothing changes, and still answers a fence request at once."""
+    import threading
+    import time
+
+    from csi_virtvol.model.pair import Fence
+    from csi_virtvol.node.stager import Stager
+    from csi_virtvol.services.node import FenceKeeper
+
+    store = CrdStore(client)
+    store.create(PAIRS, pair("p1", source="v1"))
+    keeper = FenceKeeper(node_id="node-a", store=store, stager=Stager(str(tmp_path / "node")))
+    stop = threading.Event()
+    t = threading.Thread(target=keeper.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        time.sleep(1.0)  # started: the cache has listed once and watches
+        start = len(fake_api.requests)
+        window = 3.0
+        time.sleep(window)
+        idle = [r for r in fake_api.requests[start:] if "volumepairs" in r[1]]
+        assert len(idle) / window < 0.5, idle  # was ~5 requests a second
+        # still awake: a fence request for this node is answered (the volume is not staged here)
+        got = store.get(PAIRS, "p1")
+        assert got is not None
+        store.update(PAIRS, dataclasses.replace(got.value, fence=Fence.FREEZE_REQUESTED, fence_node="node-a"),
+                     revision=got.revision)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cur = store.get(PAIRS, "p1")
+            if cur is not None and cur.value.fence is Fence.REFUSED:
+                break
+            time.sleep(0.05)
+        assert cur is not None and cur.value.fence is Fence.REFUSED, cur
+        assert "not staged" in cur.value.fence_message
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        store.close()

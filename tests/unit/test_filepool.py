@@ -316,3 +316,51 @@ def test_registry_kinds_and_errors(tmp_path: Path) -> None:
     finally:
         registry.unregister("test-kind")
     assert "test-kind" not in registry.kinds()
+
+
+def test_cached_usage_stays_exact_through_own_and_foreign_changes(fs: tuple[str, Path]) -> None:
+    """The pool reuses its last scan of the LUN files (issue 10: a create must not stat every
+    LUN); what it reports must still equal a fresh scan after every kind of change."""
+    kind, mount = fs
+    spec = make_pool(mount, unique_name("ucache"))
+    d = FilePoolDriver(spec)
+    other = FilePoolDriver(spec)  # another process's driver on the same pool
+
+    def check() -> None:
+        assert d._usage() == real()
+        assert other._usage() == real()
+
+    scans = [0]
+    real = d._scan_usage  # the uncached scan
+
+    def counted() -> filepool.Usage:
+        scans[0] += 1
+        return real()
+
+    d._scan_usage = counted  # type: ignore[method-assign]
+    for i in range(6):
+        d.create_lun(name=f"vv-c{i}", size=(i + 1) * MiB)
+    check()
+    before = scans[0]
+    for _ in range(5):
+        d.describe()
+    if kind in FilePoolDriver.USAGE_CACHE_FS:
+        assert scans[0] - before <= 1  # nothing changed: served from the cache
+    else:
+        assert scans[0] - before == 5  # no cache on this filesystem
+    d.resize_lun(lun_id=LunId("vv-c0"), size=8 * MiB)
+    check()
+    d.delete_lun(lun_id=LunId("vv-c1"))
+    check()
+    other.create_lun(name="vv-foreign", size=3 * MiB)
+    check()
+    other.delete_lun(lun_id=LunId("vv-c2"))
+    check()
+    with open(d.get_lun(lun_id=LunId("vv-c3")).address, "r+b") as f:  # type: ignore[union-attr]
+        f.write(os.urandom(2 * MiB))  # a node writing into the LUN: allocation changes
+        f.flush()
+        os.fsync(f.fileno())
+    check()
+    d.wipe_lun(lun_id=LunId("vv-c3"))
+    check()
+    assert scans[0] < 20

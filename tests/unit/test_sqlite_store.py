@@ -10,7 +10,9 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -330,3 +332,62 @@ def test_two_processes_share_one_file(db: str, procs: list[subprocess.Popen[str]
         sizes = [c.value.size for c in changes if c.key == "shared:counter" and c.value is not None]
         assert sizes == list(range(1, 2 * count + 1))
 
+
+
+# -- group commit and apply ---------------------------------------------------------
+
+def test_apply_is_all_or_nothing(store: SqliteStore) -> None:
+    from csi_virtvol.store.base import Put
+
+    store.create(LUNS, lun("a", "taken"))
+    with pytest.raises(errors.Conflict):
+        store.apply([Put(table=LUNS, record=lun("a", "before")), Put(table=LUNS, record=lun("a", "taken"))])
+    assert store.get(LUNS, "a:before") is None
+
+
+def test_concurrent_writes_share_commits_and_keep_their_own_errors(store: SqliteStore, db: str) -> None:
+    """Writes that queue while a commit waits go out together in the next one; a write that
+    conflicts inside the group fails alone, the others in its group are durable."""
+    import threading
+
+    commits = [0]
+    real_commit = store._commit
+
+    def counting(group: Any) -> None:
+        commits[0] += 1
+        real_commit(group)
+
+    store._commit = counting  # type: ignore[method-assign]
+    rev = store.create(LUNS, lun("a", "x"))
+    commits[0] = 0
+    blocker = raw(db)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock: commits must wait
+    results: dict[int, str] = {}
+
+    def write(i: int) -> None:
+        try:
+            if i % 4 == 0:  # all of these race for one revision: one wins
+                store.update(LUNS, lun("a", "x", volume=f"v{i}"), revision=rev)
+            else:
+                store.create(LUNS, lun("a", f"n{i}"))
+            results[i] = "ok"
+        except errors.Conflict:
+            results[i] = "conflict"
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(store._queue) < 15 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the leader is stuck on the lock; the others queue behind it
+    blocker.execute("COMMIT")
+    blocker.close()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(16))
+    assert [i for i, r in results.items() if r == "conflict"] != []
+    assert sum(r == "ok" for i, r in results.items() if i % 4 == 0) == 1
+    assert all(results[i] == "ok" for i in range(16) if i % 4)
+    assert commits[0] <= 3  # 16 writes: the stuck leader's group, then (about) one more
+    with SqliteStore(db) as again:  # durable, seen by another opener
+        assert {v.value.id for v in again.list(LUNS)} == {"x"} | {f"n{i}" for i in range(16) if i % 4}
