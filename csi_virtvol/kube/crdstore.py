@@ -200,7 +200,9 @@ def _pair_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
             "endedAt": t["ended_at"], "reason": t["reason"]})
     status: Obj = {"progress": progress(done, total), "methods": ",".join(methods), "targets": targets,
                    "fence": rec["fence"], "fenceNode": rec["fence_node"], "fenceMessage": rec["fence_message"],
-                   "cutAt": rec["cut_at"]}
+                   "cutAt": rec["cut_at"], "cutId": rec.get("cut_id", ""), "cutHold": rec.get("cut_hold", False),
+                   "cutView": rec.get("cut_view", ""), "cutTime": rec.get("cut_time", 0.0),
+                   "sinceCut": rec.get("since_cut", ""), "cutChanged": rec.get("cut_changed", "")}
     if rec["targets"]:
         status["state"] = min((t["state"] for t in rec["targets"]), key=lambda s: _PAIR_RANK.get(s, 0))
     return {"source": rec["source"], "targets": [t["volume"] for t in rec["targets"]]}, status

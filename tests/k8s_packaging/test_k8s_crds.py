@@ -117,6 +117,41 @@ def test_every_model_field_has_a_place_in_its_crd(crds: dict[str, Doc], ref: str
     assert missing == [], f"{cls} fields with no place in the {kind} CRD"
 
 
+def schema_at(schema: Any, path: str) -> Any:
+    for part in path.split("."):
+        schema = schema["items"] if part == "[]" else schema["properties"][part]
+    return schema
+
+
+# model enum -> (CRD kind, the schema paths whose enum must accept every value)
+ENUMS = {
+    "csi_virtvol.model.pair:Fence": ("VolumePair", ["status.fence"]),
+    "csi_virtvol.model.pair:PairState": ("VolumePair", ["status.state", "status.targets.[].state"]),
+    "csi_virtvol.model.pair:ExtentCopyState": ("VolumePair", ["status.targets.[].extents.[].state"]),
+    "csi_virtvol.model.pair:CopyMethod": ("VolumePair", ["status.targets.[].extents.[].method"]),
+    "csi_virtvol.model.volume:VolumeState": ("VirtualVolume", ["status.state"]),
+    "csi_virtvol.model.volume:CopyRole": ("VirtualVolume", ["status.role"]),
+    "csi_virtvol.model.volume:VolumeKind": ("VirtualVolume", ["spec.kind"]),
+    "csi_virtvol.model.array:LunState": ("PhysicalVolume", ["status.state"]),
+    "csi_virtvol.model.array:LunOrigin": ("PhysicalVolume", ["spec.origin"]),
+    "csi_virtvol.model.group:GroupState": ("VirtvolGroupSnapshot", ["status.state"]),
+}
+
+
+@pytest.mark.parametrize("ref", sorted(ENUMS))
+def test_every_model_enum_value_is_accepted_by_its_crd(crds: dict[str, Doc], ref: str) -> None:
+    """A value the driver writes that the CRD's enum lacks is a 422 from a real API server
+    (the live cut's fences were missing: every live cut on a cluster would fail to record)."""
+    import importlib
+
+    mod, _, cls = ref.partition(":")
+    kind, paths = ENUMS[ref]
+    values = {m.value for m in getattr(importlib.import_module(mod), cls)}
+    root = crds[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path in paths:
+        assert values <= set(schema_at(root, path)["enum"]), (path, values - set(schema_at(root, path)["enum"]))
+
+
 # ---- the validator itself ------------------------------------------------
 
 def sample_array() -> Doc:

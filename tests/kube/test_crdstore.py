@@ -140,7 +140,8 @@ def test_idle_node_plugin_makes_no_requests(fake_api: FakeApiServer, client: Any
 
     store = CrdStore(client)
     store.create(PAIRS, pair("p1", source="v1"))
-    keeper = FenceKeeper(node_id="node-a", store=store, stager=Stager(str(tmp_path / "node")))
+    keeper = FenceKeeper(node_id="node-a", store=store, stager=Stager(str(tmp_path / "node")),
+                         state_dir=str(tmp_path / "state"))
     stop = threading.Event()
     t = threading.Thread(target=keeper.run, args=(stop,), daemon=True)
     t.start()

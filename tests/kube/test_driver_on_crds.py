@@ -227,7 +227,8 @@ def test_group_snapshot_on_crds(cluster: tuple[FakeApiServer, rpc.ControllerStub
     pairs = {p["spec"]["targets"][0]: p for p in api.objects(GROUP, "volumepairs")}
     assert set(pairs) == {s.snapshot_id for s in g.snapshots}
     assert all(p["status"]["state"] == "split" and p["status"]["fence"] == "released" for p in pairs.values())
-    assert len(api.objects("batch", "jobs", NS)) == 1, "the ext4 member is copied by one copy Job"
+    assert len(api.objects("", "pods", NS)) == 1, "the ext4 member is copied by one copy Job's pod"
+    assert api.objects("batch", "jobs", NS) == [], "a copy Job goes once its result is in the pair"
     groups.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(
         group_snapshot_id=g.group_snapshot_id, snapshot_ids=[s.snapshot_id for s in g.snapshots]))
     assert api.objects(GROUP, "virtvolgroupsnapshots") == [] and api.objects(GROUP, "volumepairs") == []
