@@ -257,8 +257,9 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             signal.signal(s, h)
     if args.progress_file:  # finished: the checkpoint only served this copy
         checkpoint.remove(args.progress_file)
+    method = VERIFY_METHOD + (" of the changed chunks" if args.changed_map else "")
     rep.finish({"event": "done", **asdict(res), "checkpoint_id": args.checkpoint_id,
-                **({"verify": VERIFY_METHOD} if res.verified else {})})
+                **({"verify": method} if res.verified else {})})
     return EXIT_OK
 
 

@@ -117,6 +117,7 @@ class CopyResult:
     zero_copy: bool
     verified: bool
     seconds: float
+    bytes_verified: int = 0  # bytes re-read on both ends: the range, or with a changed_map only what it marks
 
 
 class TokenBucket:
@@ -664,35 +665,59 @@ class _Copy:
 
     # verification --------------------------------------------------------------------
 
-    def verify(self) -> None:
-        cs, al = self.opt.chunk_size, self.opt.align
+    def _verify_ranges(self) -> Iterator[tuple[int, int]]:
+        """Range-relative (pos, length) runs that verification re-reads: the whole range, or
+        with a changed_map only the chunks it marks.  The others were verified by the copy
+        that last filled the target, the source has not been written there since (the
+        node's tracking says so), and nobody else writes a pair's target."""
+        if not self.opt.changed_map:
+            yield (0, self.length)
+            return
+        with open(self.opt.changed_map, "rb") as f:
+            bits = f.read()
+        grain = CHANGED_GRAIN
+        pos = 0
+        while pos < self.length:
+            a = self.so + pos
+            k = a // grain
+            end = min(self.length, (k + 1) * grain - self.so)
+            if k // 8 < len(bits) and bits[k // 8] & (1 << (k % 8)):
+                yield (pos, end - pos)
+            pos = end
+
+    def verify(self) -> int:
+        """Re-read what the copy must have made equal on both ends; the bytes compared."""
         for end in (self.src, self.dst):  # make buffered reads come from the media
             os.posix_fadvise(end.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        a = mmap.mmap(-1, cs)
-        b = mmap.mmap(-1, cs)
+        cs, al = self.opt.chunk_size, self.opt.align
+        a, b = mmap.mmap(-1, cs), mmap.mmap(-1, cs)
+        compared = 0
         try:
-            pos = 0
-            while pos < self.length:
-                if self.cancel.is_set():
-                    raise CopyCancelled("verification cancelled", bytes_done=self.length)
-                n = min(cs, self.length - pos)
-                va, vb = memoryview(a)[:n], memoryview(b)[:n]
-                try:
-                    _pread_full(self.src, va, self.so + pos, al)
-                    _pread_full(self.dst, vb, self.do + pos, al)
-                    ha = hashlib.blake2b(va, digest_size=32).digest()
-                    hb = hashlib.blake2b(vb, digest_size=32).digest()
-                finally:
-                    va.release()
-                    vb.release()
-                if ha != hb:
-                    raise VerifyMismatch(
-                        f"verify: {self.dst.path} differs from {self.src.path} in the chunk at "
-                        f"range offset {pos}", offset=pos)
-                pos += n
+            for pos, length in self._verify_ranges():
+                stop = pos + length
+                while pos < stop:
+                    if self.cancel.is_set():
+                        raise CopyCancelled("verification cancelled", bytes_done=self.length)
+                    n = min(cs, stop - pos)
+                    va, vb = memoryview(a)[:n], memoryview(b)[:n]
+                    try:
+                        _pread_full(self.src, va, self.so + pos, al)
+                        _pread_full(self.dst, vb, self.do + pos, al)
+                        ha = hashlib.blake2b(va, digest_size=32).digest()
+                        hb = hashlib.blake2b(vb, digest_size=32).digest()
+                    finally:
+                        va.release()
+                        vb.release()
+                    if ha != hb:
+                        raise VerifyMismatch(
+                            f"verify: {self.dst.path} differs from {self.src.path} in the chunk at "
+                            f"range offset {pos}", offset=pos)
+                    pos += n
+                    compared += n
         finally:
             a.close()
             b.close()
+        return compared
 
 
 def copy_range(
@@ -754,12 +779,13 @@ def copy_range(
         if job.sums is not None and (resume_from == 0 or job.sums_trusted):
             job.sums.save(options.checksums)  # complete: it describes the whole target range
         direct_read, direct_write = s.direct_used, d.direct_used
+        verified_bytes = 0
         if options.verify:
             try:
                 if options.direct:
                     s.enable_direct()
                     d.enable_direct()
-                job.verify()
+                verified_bytes = job.verify()
             except OSError as e:
                 raise errors.BackendError(f"verify {src} -> {dst} failed: {e}") from e
         return CopyResult(
@@ -767,7 +793,7 @@ def copy_range(
             bytes_zeroed=job.zeroed, bytes_skipped=job.skipped, bytes_unchanged=job.unchanged,
             direct_read=direct_read, direct_write=direct_write,
             zero_copy=job.used_zero_copy,
-            verified=options.verify, seconds=clock() - t0)
+            verified=options.verify, seconds=clock() - t0, bytes_verified=verified_bytes)
     finally:
         s.close()
         if d is not None:

@@ -53,6 +53,15 @@ SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned ex
 FREEZE_WAIT = 30.0      # seconds a node has to freeze a group member's source (services/groups.py)
 ORPHAN_AGE = 60.0       # a target recorded this long ago with no pair was left by a crash
 POLL = 0.2
+
+
+def _polls(stop: threading.Event) -> Iterator[None]:
+    """Wake a copy's follower soon after it starts (a resync of a few chunks is done in tens
+    of milliseconds), then every POLL; ends when `stop` is set."""
+    wait = 0.02
+    while not stop.wait(wait):
+        yield None
+        wait = min(POLL, wait * 2)
 # How long CreateSnapshot / CreateVolume-from-a-source wait for a copy before answering
 # "not ready yet" (ready_to_use=false / ABORTED): the sidecars poll, so a gRPC thread is
 # never held for long; an internal clone still answers ready at the first call.
@@ -595,7 +604,7 @@ class SnapshotService:
         self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
         self._runner.start(copy)
         last = -1
-        while not stop.wait(POLL):
+        for _ in _polls(stop):
             cut.check(self._store, vid)
             st = self._runner.poll(job)
             if st.bytes_done != last:
@@ -658,7 +667,7 @@ class SnapshotService:
 
         launch()
         attempts = 0
-        while not stop.wait(POLL):
+        for _ in _polls(stop):
             try:
                 st = pusher.remote_copy_progress(job=job)
             except errors.NotFound:  # the array forgot the job (restart): push again, the source is fenced

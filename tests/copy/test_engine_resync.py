@@ -102,3 +102,60 @@ def test_an_interrupted_resync_leaves_no_manifest(tmp_path: Path) -> None:
     except CopyCancelled:
         pass
     assert not os.path.exists(sums)  # half-resynced: the old manifest would lie
+
+
+def _bitmap(tmp_path: Path, chunks: set[int], *, size: int) -> Path:
+    grain = 64 * 1024
+    bits = bytearray((size // grain + 7) // 8)
+    for k in chunks:
+        bits[k // 8] |= 1 << (k % 8)
+    path = tmp_path / "changed.bits"
+    path.write_bytes(bytes(bits))
+    return path
+
+
+def test_a_changed_map_resync_verifies_only_the_changed_chunks(tmp_path: Path) -> None:
+    """Issue 9: a resync after 5% changed must not re-read the whole volume to verify it;
+    it compares the chunks the node's tracking marks (the rest was verified before)."""
+    src, dst, _ = _changed_copy(tmp_path, 0)
+    grain = 64 * 1024
+    chunks = {3, 17, 200, 511}
+    fd = os.open(src, os.O_RDWR)
+    try:
+        for k in chunks:
+            os.pwrite(fd, os.urandom(grain), k * grain)
+    finally:
+        os.close(fd)
+    bits = _bitmap(tmp_path, chunks, size=32 * MiB)
+    res = copy_range(src=str(src), dst=str(dst), options=CopyOptions(
+        only_changed=True, changed_map=str(bits), verify=True))
+    assert res.verified and res.bytes_verified == len(chunks) * grain
+    assert src.read_bytes() == dst.read_bytes()
+    full = copy_range(src=str(src), dst=str(dst), options=CopyOptions(only_changed=True, verify=True))
+    assert full.bytes_verified == 32 * MiB
+
+
+def test_a_changed_map_verification_still_catches_a_bad_chunk(tmp_path: Path) -> None:
+    import pytest
+
+    from csi_virtvol.copy.engine import VerifyMismatch
+
+    src, dst, _ = _changed_copy(tmp_path, 0)
+    grain = 64 * 1024
+    bits = _bitmap(tmp_path, {5}, size=32 * MiB)
+    # the target lies about chunk 5 after the copy (a write behind the copy's back)
+    import csi_virtvol.copy.engine as engine
+
+    real = engine._Copy.verify
+
+    def corrupt_then_verify(self: "engine._Copy") -> int:
+        os.pwrite(self.dst.fd, b"\xff" * 4096, 5 * grain)
+        return real(self)
+
+    engine._Copy.verify = corrupt_then_verify  # type: ignore[method-assign]
+    try:
+        with pytest.raises(VerifyMismatch):
+            copy_range(src=str(src), dst=str(dst), options=CopyOptions(
+                only_changed=True, changed_map=str(bits), verify=True))
+    finally:
+        engine._Copy.verify = real  # type: ignore[method-assign]

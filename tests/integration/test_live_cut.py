@@ -344,6 +344,8 @@ def test_resync_of_a_live_cut_copies_only_the_chunks_written_since(ext4_plugin: 
             assert pair.since_cut and pair.cut_changed, "the resync must have used the cut's change tracking"
             written = sum(e.bytes_written for e in pair.targets[0].extents)
             assert written <= len(changed) * chunk, f"{written} bytes written for {len(changed)} changed chunks"
+            assert {e.verify_method for e in pair.targets[0].extents} == {"blake2b-256 of the changed chunks"}, \
+                "a tracked resync verifies what it rewrote, not the whole volume again"
             now = os.pread(fd, size, 0)
         finally:
             os.close(fd)
