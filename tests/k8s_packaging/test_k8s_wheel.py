@@ -9,6 +9,7 @@ Controller CreateVolume on the default file pools, DeleteVolume, then SIGTERM an
 """
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import tempfile
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from csi_virtvol import DRIVER_NAME
 from csi_virtvol.csi._gen import csi_pb2 as pb
@@ -54,6 +57,35 @@ def test_the_wheel_from_the_sdist_is_the_same(built: Built) -> None:
     assert names == wheel_names(built.wheel), "the wheel from the sdist and the wheel from the clone differ"
     changed = [s for s in STUBS if wheel_file(built.sdist_wheel, s) != wheel_file(built.wheel, s)]
     assert changed == [], f"stubs that differ between the two wheels: {changed}"
+
+
+def generated_for(wheel: Path) -> dict[str, Version]:
+    """The oldest grpcio and protobuf runtime the wheel's stubs accept: each stub checks it at
+    import (GRPC_GENERATED_VERSION; ValidateProtobufRuntimeVersion) and refuses older ones."""
+    grpc_found, pb_found = [], []
+    for name in STUBS:
+        text = wheel_file(wheel, name).decode()
+        grpc_found += re.findall(r"^GRPC_GENERATED_VERSION = '([^']+)'", text, re.M)
+        pb_found += [".".join(m) for m in re.findall(
+            r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", text)]
+    assert grpc_found and pb_found, "no version checks found in the stubs"
+    return {"grpcio": max(map(Version, grpc_found)), "protobuf": max(map(Version, pb_found))}
+
+
+def test_the_wheel_requires_what_its_stubs_need(built: Built) -> None:
+    """Otherwise pip keeps an older grpcio or protobuf that satisfies the wheel's metadata,
+    and serve dies at import of the stubs."""
+    dist_info = next(n for n in wheel_names(built.wheel) if n.endswith(".dist-info/METADATA"))
+    metadata = wheel_file(built.wheel, dist_info).decode()
+    reqs = {r.name.lower(): r for r in map(Requirement, re.findall(r"^Requires-Dist: (.+)$", metadata, re.M))
+            if r.marker is None}
+    for dist, needed in generated_for(built.wheel).items():
+        assert dist in reqs, f"the wheel does not require {dist}"
+        spec = reqs[dist].specifier
+        floors = [Version(s.version) for s in spec if s.operator in (">=", "==", "~=")]
+        assert floors and max(floors) >= needed, \
+            f"the wheel requires {dist}{spec}, but its stubs refuse {dist} older than {needed}"
+        assert spec.contains(needed), f"the wheel requires {dist}{spec}, which excludes {needed}"
 
 
 @pytest.fixture
