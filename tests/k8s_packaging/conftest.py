@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from k8s_helpers import CHART, NAMESPACE, RELEASE, ROOT, Doc, load_docs
-from wheelbuild import Built, build_from_fresh_clone, fresh_venv
+from wheelbuild import Built, build_from_fresh_clone, fresh_venv, wheel_from_sdist
 
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
 
@@ -69,8 +69,14 @@ def all_crds(crds: dict[str, Doc]) -> dict[tuple[str, str], Doc]:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """The wheel, the sdist and the wheel from that sdist, built from a fresh clone of HEAD."""
+    """The wheel and the sdist, built from a fresh clone of HEAD."""
     return build_from_fresh_clone(tmp_path_factory.mktemp("packages"))
+
+
+@pytest.fixture(scope="session")
+def sdist_wheel(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from that sdist."""
+    return wheel_from_sdist(built.sdist, tmp_path_factory.mktemp("from-sdist"))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """What a user installs, built the way they build it: a fresh `git clone` of this
 repository's committed HEAD, a wheel built there (`pip wheel`, as `pip install .` and the
-Dockerfile do), an sdist and the wheel built from that sdist (`python -m build`), and a
-fresh venv with the first wheel and its dependencies from PyPI (the shared pip cache).
+Dockerfile do), an sdist (`python -m build --sdist`) and the wheel built from that sdist,
+and a fresh venv with the first wheel and its dependencies from PyPI (the shared pip cache).
 
 Uncommitted changes are not in the clone: commit, then run the packaging tests."""
 from __future__ import annotations
@@ -41,9 +41,8 @@ def run(argv: list[str], *, cwd: Path, timeout: float = 600) -> str:
 class Built:
     commit: str
     clone: Path
-    wheel: Path        # pip wheel of the clone: what `pip install .` installs
-    sdist: Path        # python -m build of the clone
-    sdist_wheel: Path  # the wheel python -m build made from that sdist
+    wheel: Path  # pip wheel of the clone: what `pip install .` installs
+    sdist: Path  # python -m build --sdist of the clone
 
 
 def one(directory: Path, pattern: str) -> Path:
@@ -52,18 +51,28 @@ def one(directory: Path, pattern: str) -> Path:
     return found[0]
 
 
+def pip_wheel(source: Path, out: Path) -> Path:
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source)],
+        cwd=out.parent)
+    return one(out, "*.whl")
+
+
 def build_from_fresh_clone(work: Path) -> Built:
     commit = run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], cwd=ROOT).strip()
     clone = work / "clone"
     run(["git", "clone", "--quiet", "--no-checkout", str(ROOT), str(clone)], cwd=work)
     run(["git", "-C", str(clone), "checkout", "--quiet", "--detach", commit], cwd=work)
-    pip_out, build_out = work / "pip-wheel", work / "build"
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(pip_out), str(clone)],
-        cwd=work)
-    # with no --sdist/--wheel, build makes the sdist and then the wheel *from that sdist*
-    run([sys.executable, "-m", "build", "--outdir", str(build_out), str(clone)], cwd=work)
-    return Built(commit=commit, clone=clone, wheel=one(pip_out, "*.whl"), sdist=one(build_out, "*.tar.gz"),
-                 sdist_wheel=one(build_out, "*.whl"))
+    wheel = pip_wheel(clone, work / "wheel")
+    run([sys.executable, "-m", "build", "--sdist", "--outdir", str(work / "sdist"), str(clone)], cwd=work)
+    return Built(commit=commit, clone=clone, wheel=wheel, sdist=one(work / "sdist", "*.tar.gz"))
+
+
+def wheel_from_sdist(sdist: Path, work: Path) -> Path:
+    """What pip does with an sdist (and python -m build without --sdist/--wheel): unpack it,
+    build the wheel in there."""
+    with tarfile.open(sdist) as t:
+        t.extractall(work / "unpacked", filter="data")
+    return pip_wheel(one(work / "unpacked", "csi_virtvol-*"), work / "wheel")
 
 
 def fresh_venv(work: Path, wheel: Path) -> Path:
