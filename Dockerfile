@@ -33,13 +33,23 @@ RUN apt-get update \
  && rm -f /etc/iscsi/initiatorname.iscsi
 
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY proto ./proto
 COPY csi_virtvol ./csi_virtvol
-# grpcio-tools (a build requirement) generates the CSI stubs during the build.
+# grpcio-tools (a build requirement) generates the CSI stubs into the wheel it builds.
 RUN pip install --no-cache-dir ".[kubernetes]" \
- && rm -rf /src /root/.cache \
- && csi-virtvol --help >/dev/null
+ && rm -rf /src /root/.cache
+
+# Smoke check: the installed driver serves CSI. It starts the server on a unix socket with
+# a scratch data dir, waits for an Identity Probe to say ready, stops it with SIGTERM and
+# needs a clean exit. tests/k8s_packaging/test_k8s_image.py runs this same RUN line
+# against a wheel built from a fresh clone.
+RUN set -eu; d=$(mktemp -d); \
+    csi-virtvol serve --endpoint "unix://$d/csi.sock" --data-dir "$d/data" --node-id smoke-check & server=$!; \
+    csi-virtvol identity probe --endpoint "unix://$d/csi.sock" --wait 60 \
+      || { kill "$server" 2>/dev/null || true; wait "$server" || true; exit 1; }; \
+    kill -TERM "$server"; wait "$server"; \
+    rm -rf "$d"
 
 WORKDIR /
 ENTRYPOINT ["csi-virtvol"]

@@ -178,14 +178,15 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
                                 group_controller=group_controller is not None)
     server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node,
                           pairs=pairs, snapshot_metadata=metadata, group_controller=group_controller)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # before the first Probe can say ready: a SIGTERM right after it stops cleanly
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     server.start()
     ready.set()
     log.info("csi-virtvol serving (mode=%s, node=%s, store=%s, data-dir=%s)",
              config.mode.value, config.node_id, config.store, config.data_dir)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping")
     server.stop(grace=10).wait()

@@ -96,6 +96,32 @@ def cmd_pair(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_identity(args: argparse.Namespace) -> int:
+    """The Identity service, as a CO asks it. `probe` exits 0 only when the plugin says it
+    is ready, so a script (the image's smoke check) can wait on it."""
+    from csi_virtvol.csi import client as C
+
+    pb = C.pb_
+    cl = C.Client(args.endpoint)
+    try:
+        if args.wait > 0:
+            cl.wait_ready(timeout=args.wait)
+        if args.action == "probe":
+            out = cl.call(cl.identity.Probe, pb.ProbeRequest())
+        elif args.action == "info":
+            out = cl.call(cl.identity.GetPluginInfo, pb.GetPluginInfoRequest())
+        else:
+            out = cl.call(cl.identity.GetPluginCapabilities, pb.GetPluginCapabilitiesRequest())
+    finally:
+        cl.close()
+    print(C.dumps(out))
+    if args.action == "probe" and out.get("ready") is not True:
+        # CSI: an unset `ready` leaves readiness to the CO; a smoke check wants a yes
+        print("csi-virtvol: the plugin is not ready", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Serve on a temporary data dir and walk one volume through its life."""
     from csi_virtvol import app
@@ -254,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
             pp.add_argument("--block", action="store_true")
             pp.add_argument("--readonly", action="store_true")
     v.set_defaults(func=cmd_volume)
+
+    ident = sub.add_parser("identity", help="CSI client: the Identity service (probe, plugin info, capabilities)")
+    ident.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///run/csi-virtvol/csi.sock"))
+    ident.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="first wait up to SECONDS for the endpoint to accept connections")
+    ident.add_argument("action", choices=["probe", "info", "capabilities"])
+    ident.set_defaults(func=cmd_identity)
 
     pr = sub.add_parser("pair", help="the pair table: list pairs, resync a split one")
     pr.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///run/csi-virtvol/csi.sock"))

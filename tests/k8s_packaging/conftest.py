@@ -1,6 +1,7 @@
 """Fixtures for the Kubernetes packaging tests: helm and kubectl from
 scripts/k8s-tools (installed once per machine, then offline), the chart
-rendered with helm, and the CRDs."""
+rendered with helm, the CRDs, and the wheel and sdist built from a fresh clone
+with a venv that has the wheel installed (wheelbuild.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from k8s_helpers import CHART, NAMESPACE, RELEASE, ROOT, Doc, load_docs
+from wheelbuild import Built, build_from_fresh_clone, fresh_venv, wheel_from_sdist
 
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
 
@@ -63,3 +65,21 @@ def all_crds(crds: dict[str, Doc]) -> dict[tuple[str, str], Doc]:
     for d in load_docs((Path(__file__).parent / "snapshot-crds.yaml").read_text()):
         out[(d["spec"]["group"], d["spec"]["names"]["kind"])] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The wheel and the sdist, built from a fresh clone of HEAD."""
+    return build_from_fresh_clone(tmp_path_factory.mktemp("packages"))
+
+
+@pytest.fixture(scope="session")
+def sdist_wheel(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from that sdist."""
+    return wheel_from_sdist(built.sdist, tmp_path_factory.mktemp("from-sdist"))
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with that wheel (as `pip install .` builds it) and its dependencies."""
+    return fresh_venv(tmp_path_factory.mktemp("wheel-venv"), built.wheel)

@@ -6,10 +6,17 @@ a program installed on this machine (./dev setup installs them all).  Each
 program's Debian package is asked of dpkg, and that package must be on the
 Dockerfile's apt-get line.  The image is Debian 12 like this machine, so the
 apt line is also resolved here (apt-get --simulate): a misspelt package fails.
+
+There is no Docker engine here, so the image's own smoke check (the RUN that starts
+`csi-virtvol serve` and probes it) is run as the shell runs it in the build, against the
+wheel built from a fresh clone and installed in a fresh venv (wheelbuild.py); and what the
+Dockerfile COPYs must get past .dockerignore.
 """
 from __future__ import annotations
 
 import ast
+import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from k8s_helpers import ROOT
+from wheelbuild import clean_env
 
 PACKAGE = ROOT / "csi_virtvol"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -129,3 +137,109 @@ def test_every_program_the_code_runs_is_in_the_image() -> None:
 def test_the_image_has_no_built_in_initiator_name() -> None:
     # every node would announce the same InitiatorName; the host's /etc/iscsi is mounted instead
     assert re.search(r"rm -f /etc/iscsi/initiatorname\.iscsi", DOCKERFILE.read_text())
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, as the builder reads them: comment lines
+    dropped (also inside a continued instruction), a backslash-newline joins lines."""
+    out: list[tuple[str, str]] = []
+    current = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        if line.endswith("\\"):
+            current += line[:-1]
+            continue
+        current += line
+        word, _, rest = current.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        current = ""
+    assert not current, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def smoke_check() -> str:
+    """The shell-form RUN that starts the server, after the one that installs the package."""
+    runs = [args for ins, args in instructions() if ins == "RUN"]
+    install = [i for i, r in enumerate(runs) if re.search(r"\bpip install\b", r)]
+    smoke = [i for i, r in enumerate(runs) if "csi-virtvol serve" in r]
+    assert len(install) == 1 and len(smoke) == 1, f"expected one pip install RUN and one smoke check RUN: {runs}"
+    assert smoke[0] > install[0], "the smoke check runs before the package is installed"
+    script = runs[smoke[0]]
+    assert not script.startswith("["), "the smoke check must be shell form (RUN <script>)"
+    return script
+
+
+def test_the_smoke_check_serves_and_probes() -> None:
+    script = smoke_check()
+    assert re.search(r"csi-virtvol serve --endpoint \S*unix://", script), script
+    assert "csi-virtvol identity probe" in script, script
+    assert re.search(r"kill -TERM .*; wait ", script), "the server is stopped and its exit status checked"
+
+
+@pytest.mark.slow
+def test_the_image_smoke_check_passes_on_the_installed_wheel(wheel_venv: Path, tmp_path: Path) -> None:
+    """The smoke check's own shell line, with the fresh wheel venv first on PATH, as
+    /bin/sh -c runs it in the build (the image is Debian 12's dash, like this machine)."""
+    env = clean_env(PATH=f"{wheel_venv / 'bin'}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
+    assert shutil.which("csi-virtvol", path=env["PATH"]) == str(wheel_venv / "bin" / "csi-virtvol")
+    p = subprocess.run(["/bin/sh", "-c", smoke_check()], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, f"the Dockerfile's smoke check failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-6000:]}"
+    assert re.search(r'"ready": true', p.stdout), p.stdout
+    assert "csi-virtvol serving" in p.stderr and "stopping" in p.stderr, p.stderr[-4000:]
+    assert [f for f in tmp_path.iterdir()] == [], "the smoke check leaves its scratch directory behind"
+
+
+def copy_sources() -> list[str]:
+    """The build-context paths the Dockerfile COPYs (no --from stages)."""
+    out = []
+    for ins, args in instructions():
+        if ins in ("COPY", "ADD"):
+            words = [w for w in args.split() if not w.startswith("--")]
+            assert not any(w.startswith("--from") for w in args.split()), args
+            out += [w.rstrip("/") for w in words[:-1]]
+    return out
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore line as Docker reads it (Go filepath.Match per path segment, `**` for
+    any number of directories), relative to the context root."""
+    assert "[" not in pattern and "\\" not in pattern, f"character classes are not handled: {pattern}"
+    segments = pattern.strip("/").split("/")
+    out = ""
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == "**":
+            out += ".*" if last else "(?:.*/)?"
+            continue
+        out += "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in seg)
+        out += "" if last else "/"
+    return re.compile(out + r"\Z")
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore drops `path` or a directory above it; the last matching line wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    result = False
+    for line in patterns:
+        negate = line.startswith("!")
+        rx = pattern_regex(line.removeprefix("!"))
+        if any(rx.match(p) for p in prefixes):
+            result = not negate
+    return result
+
+
+def test_the_dockerignore_keeps_what_the_build_copies() -> None:
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert ignored("tests/x.py", patterns) and ignored("csi_virtvol/csi/_gen/csi_pb2.py", patterns)  # sanity
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", *copy_sources()], capture_output=True,
+                             text=True, check=True).stdout.split()
+    sources = set(copy_sources())
+    assert {"pyproject.toml", "setup.py", "proto", "csi_virtvol"} <= sources, sources
+    assert [s for s in sources if not any(f == s or f.startswith(s + "/") for f in tracked)] == [], \
+        "COPY of paths git does not track"
+    dropped = [f for f in tracked if ignored(f, patterns)]
+    assert dropped == [], f".dockerignore drops files the image build copies: {dropped}"
