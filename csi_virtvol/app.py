@@ -114,7 +114,8 @@ def cluster_parts(config: Config) -> ClusterParts:
     api = kube_client(config)
     settings = copyrunner.JobSettings.from_config(config.copy_job, namespace=config.kube_namespace,
                                                   image=config.copy_image, node=config.node_id)
-    runner = copyrunner.JobCopyRunner(jobs.JobRunner(api, namespace=config.kube_namespace), settings)
+    job_runner = jobs.JobRunner(api, namespace=config.kube_namespace)
+    runner = copyrunner.JobCopyRunner(job_runner, settings, owner_of=job_runner.pair_owner)
     recorder = sink.KubeEvents(events.EventRecorder(api, instance=config.pod_name))
     if not config.leader_election:
         return ClusterParts(runner=runner, events=recorder, is_leader=lambda: True, threads=())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +67,13 @@ class JobSettings:
 
 
 class JobCopyRunner:
-    def __init__(self, runner: jobs.JobRunner, settings: JobSettings, *, progress_seconds: float = 2.0) -> None:
+    """`owner_of(pair_id)`: the ownerReference each Job gets (jobs.JobRunner.pair_owner on a
+    cluster, so that a Job goes with its VolumePair); None makes Jobs with no owner."""
+
+    def __init__(self, runner: jobs.JobRunner, settings: JobSettings, *, progress_seconds: float = 2.0,
+                 owner_of: Callable[[str], Mapping[str, Any]] | None = None) -> None:
         self._runner = runner
+        self._owner_of = owner_of
         self._s = settings
         self._progress_seconds = progress_seconds
         self._want: dict[str, str] = {}                  # step -> the checkpoint id of the attempt started
@@ -102,7 +107,8 @@ class JobCopyRunner:
             backoff_limit=self._s.backoff_limit, ttl_seconds_after_finished=self._s.ttl_seconds_after_finished,
             active_deadline_seconds=self._s.active_deadline_seconds,
             image_pull_policy=self._s.image_pull_policy, priority_class=self._s.priority_class,
-            labels=self._s.labels, tolerations=self._s.tolerations, image_pull_secrets=self._s.image_pull_secrets)
+            labels=self._s.labels, tolerations=self._s.tolerations, image_pull_secrets=self._s.image_pull_secrets,
+            owner=self._owner_of(copy.pair) if self._owner_of is not None else None)
         self._runner.start(body)
         self._want[copy.job] = copy.checkpoint_id
 

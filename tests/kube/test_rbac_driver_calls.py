@@ -142,6 +142,10 @@ def calls_in(path: Path) -> Iterator[tuple[str, str, set[Need]]]:
             yield where, f"{api}.{node.attr}", needs_of(http, template, group=consts[0], plural=consts[-1]
                                                         if len(consts) == 2 else consts[2], watch=watch)
             continue
+        plurals = [x for x in consts if x in {k.plural for k in KINDS.values()}]
+        if "GROUP" in _names(call) and len(plurals) == 1:
+            yield where, f"{api}.{node.attr}", needs_of(http, template, group=GROUP, plural=plurals[0], watch=watch)
+            continue
         assert path.name == "crdstore.py" and ("GROUP" in _names(call) or "_call" in ast.unparse(call or node)), \
             f"{where}: custom object call whose group and resource this walk cannot tell"
         needs: set[Need] = set()
@@ -209,6 +213,8 @@ def test_the_walk_finds_the_calls_it_should() -> None:
     assert (GROUP, "volumepairs/status", "update") in by_method["CustomObjectsApi.replace_cluster_custom_object_status"]
     assert (GROUP, "storagearrays", "watch") in by_method["CustomObjectsApi.list_cluster_custom_object"]
     assert by_method["CoordinationV1Api.replace_namespaced_lease"] == {("coordination.k8s.io", "leases", "update")}
+    jobs_py = {m: n for w, m, n in controller_calls() if w.startswith("jobs.py")}
+    assert jobs_py["CustomObjectsApi.get_cluster_custom_object"] == {(GROUP, "volumepairs", "get")}
 
 
 def test_every_call_of_the_controller_is_granted_to_its_service_account() -> None:
