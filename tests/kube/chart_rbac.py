@@ -47,3 +47,29 @@ def kubeconfig(path: Path, *, server: str, token: str, user: str) -> Path:
 
 def service_account_kubeconfig(api: FakeApiServer, authz: RbacAuthorizer, sa: str, path: Path) -> Path:
     return kubeconfig(path, server=api.url, token=authz.token_for(NS, sa), user=sa)
+
+
+def admin_client(api: FakeApiServer, authz: RbacAuthorizer) -> Any:
+    """A client allowed everything (what a test does in the cluster's place: kubectl as admin)."""
+    import kubernetes.client as k8s
+
+    authz.cluster_roles["test-admin"] = {"kind": "ClusterRole", "metadata": {"name": "test-admin"}, "rules": [
+        {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}
+    authz.bindings.append({"kind": "ClusterRoleBinding", "metadata": {"name": "test-admin"},
+                           "subjects": [{"kind": "ServiceAccount", "name": "test-admin", "namespace": "kube-system"}],
+                           "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                       "name": "test-admin"}})
+    cfg = k8s.Configuration(host=api.url)
+    cfg.api_key = {"authorization": authz.token_for("kube-system", "test-admin")}
+    cfg.api_key_prefix = {"authorization": "Bearer"}
+    return k8s.ApiClient(cfg)
+
+
+def granted(sa: str, role: str) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) the chart's role `role`, bound to `sa`, grants."""
+    docs = chart_docs()
+    names = {b["roleRef"]["name"] for b in docs if b.get("kind") in ("RoleBinding", "ClusterRoleBinding")
+             and any(s.get("name") == sa and s.get("namespace") == NS for s in b.get("subjects") or [])}
+    assert role in names, f"{role} is not bound to {sa}"
+    return {(g, r, v) for d in docs if d.get("kind") in ("Role", "ClusterRole") and d["metadata"]["name"] == role
+            for rule in d["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
