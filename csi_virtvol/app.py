@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from csi_virtvol import errors
 from csi_virtvol.config import Config, merge_arrays, parse_size
@@ -35,8 +36,15 @@ def open_store(config: Config) -> StateStore:
     if config.store == "crd":
         from csi_virtvol.kube import crdstore
 
-        return crdstore.CrdStore(crdstore.api_client(host=config.kube_api or None))
+        return crdstore.CrdStore(kube_client(config))
     raise errors.InvalidRequest(f"unknown store {config.store!r}: use sqlite or crd")
+
+
+def kube_client(config: Config) -> Any:
+    """The API client: `kubeApi` (no credentials), a `kubeconfig` file, or the pod's ServiceAccount."""
+    from csi_virtvol.kube import crdstore
+
+    return crdstore.api_client(host=config.kube_api or None, kubeconfig=config.kubeconfig or None)
 
 
 def configured_arrays(config: Config, store: StateStore) -> Config:
@@ -103,10 +111,11 @@ def cluster_parts(config: Config) -> ClusterParts:
     """On Kubernetes: copy Jobs, Events, and a Lease so one replica runs the copies."""
     from csi_virtvol.kube import copyrunner, crdstore, events, jobs, lease, sink
 
-    api = crdstore.api_client(host=config.kube_api or None)
+    api = kube_client(config)
     settings = copyrunner.JobSettings.from_config(config.copy_job, namespace=config.kube_namespace,
                                                   image=config.copy_image, node=config.node_id)
-    runner = copyrunner.JobCopyRunner(jobs.JobRunner(api, namespace=config.kube_namespace), settings)
+    job_runner = jobs.JobRunner(api, namespace=config.kube_namespace)
+    runner = copyrunner.JobCopyRunner(job_runner, settings, owner_of=job_runner.pair_owner)
     recorder = sink.KubeEvents(events.EventRecorder(api, instance=config.pod_name))
     if not config.leader_election:
         return ClusterParts(runner=runner, events=recorder, is_leader=lambda: True, threads=())

@@ -49,6 +49,7 @@ class Config:
     copy_job: Mapping[str, Any] = field(default_factory=dict)
     pod_name: str = ""
     kube_api: str = ""  # an API server URL (no auth): out-of-cluster use and tests; "" = in-cluster/kubeconfig
+    kubeconfig: str = ""  # a kubeconfig file (server and credentials) instead of the pod's ServiceAccount
 
     @property
     def state_path(self) -> str:
@@ -176,4 +177,5 @@ def load_config(*, endpoint: str, data_dir: str, node_id: str, mode: str = "all"
         copy_job=dict(doc.get("copyJob") or {}),
         pod_name=os.environ.get("POD_NAME", "") or f"{nid}-{os.getpid()}",
         kube_api=str(doc.get("kubeApi", "")),
+        kubeconfig=str(doc.get("kubeconfig", "")),
     )

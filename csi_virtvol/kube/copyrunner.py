@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,9 +66,43 @@ class JobSettings:
                                             for x in doc.get("imagePullSecrets") or ()))
 
 
+def job_name(job: str) -> str:
+    """The Job's name from the step's "<pair>-<index>": the same after a restart."""
+    pair, _, index = job.rpartition("-")
+    return jobs.copy_job_name(pair, pair, int(index))
+
+
+def job_for(copy: HostCopy, s: JobSettings, *, owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The Job the controller makes for one host-copy step: always this template (the chart's
+    ValidatingAdmissionPolicy admits nothing else from the controller)."""
+    req = (s.resources.get("requests") or {})
+    lim = (s.resources.get("limits") or {})
+    return jobs.build_copy_job(
+        name=job_name(copy.job), namespace=s.namespace, image=s.image,
+        node=copy.node or s.default_node,
+        src=f"{copy.src}:{copy.src_offset}:{copy.length}", dst=f"{copy.dst}:{copy.dst_offset}",
+        pair_id=copy.pair, target=copy.pair, extent_index=copy.index, bwlimit=copy.bwlimit,
+        verify=copy.verify, only_changed=copy.only_changed, checksums=copy.checksums,
+        checkpoint_id=copy.checkpoint_id,
+        service_account=s.service_account,
+        host_paths=tuple(dict.fromkeys(["/dev", os.path.dirname(copy.src), os.path.dirname(copy.dst)])),
+        state_dir=s.state_dir,
+        cpu_request=str(req.get("cpu", "100m")), cpu_limit=str(lim.get("cpu", "1")),
+        memory_request=str(req.get("memory", "64Mi")), memory_limit=str(lim.get("memory", "256Mi")),
+        backoff_limit=s.backoff_limit, ttl_seconds_after_finished=s.ttl_seconds_after_finished,
+        active_deadline_seconds=s.active_deadline_seconds,
+        image_pull_policy=s.image_pull_policy, priority_class=s.priority_class,
+        labels=s.labels, tolerations=s.tolerations, image_pull_secrets=s.image_pull_secrets, owner=owner)
+
+
 class JobCopyRunner:
-    def __init__(self, runner: jobs.JobRunner, settings: JobSettings, *, progress_seconds: float = 2.0) -> None:
+    """`owner_of(pair_id)`: the ownerReference each Job gets (jobs.JobRunner.pair_owner on a
+    cluster, so that a Job goes with its VolumePair); None makes Jobs with no owner."""
+
+    def __init__(self, runner: jobs.JobRunner, settings: JobSettings, *, progress_seconds: float = 2.0,
+                 owner_of: Callable[[str], Mapping[str, Any]] | None = None) -> None:
         self._runner = runner
+        self._owner_of = owner_of
         self._s = settings
         self._progress_seconds = progress_seconds
         self._want: dict[str, str] = {}                  # step -> the checkpoint id of the attempt started
@@ -77,32 +111,12 @@ class JobCopyRunner:
 
     @staticmethod
     def _name(job: str) -> str:
-        """The Job's name from the step's "<pair>-<index>": the same after a restart."""
-        pair, _, index = job.rpartition("-")
-        return jobs.copy_job_name(pair, pair, int(index))
+        return job_name(job)
 
     def start(self, copy: HostCopy) -> None:
         if not self._s.image:
             raise errors.PreconditionFailed("no copy image is configured (copyImage / VIRTVOL_IMAGE)")
-        name = self._name(copy.job)
-        req = (self._s.resources.get("requests") or {})
-        lim = (self._s.resources.get("limits") or {})
-        body = jobs.build_copy_job(
-            name=name, namespace=self._s.namespace, image=self._s.image,
-            node=copy.node or self._s.default_node,
-            src=f"{copy.src}:{copy.src_offset}:{copy.length}", dst=f"{copy.dst}:{copy.dst_offset}",
-            pair_id=copy.pair, target=copy.pair, extent_index=copy.index, bwlimit=copy.bwlimit,
-            verify=copy.verify, only_changed=copy.only_changed, checksums=copy.checksums,
-            checkpoint_id=copy.checkpoint_id,
-            service_account=self._s.service_account,
-            host_paths=tuple(dict.fromkeys(["/dev", os.path.dirname(copy.src), os.path.dirname(copy.dst)])),
-            state_dir=self._s.state_dir,
-            cpu_request=str(req.get("cpu", "100m")), cpu_limit=str(lim.get("cpu", "1")),
-            memory_request=str(req.get("memory", "64Mi")), memory_limit=str(lim.get("memory", "256Mi")),
-            backoff_limit=self._s.backoff_limit, ttl_seconds_after_finished=self._s.ttl_seconds_after_finished,
-            active_deadline_seconds=self._s.active_deadline_seconds,
-            image_pull_policy=self._s.image_pull_policy, priority_class=self._s.priority_class,
-            labels=self._s.labels, tolerations=self._s.tolerations, image_pull_secrets=self._s.image_pull_secrets)
+        body = job_for(copy, self._s, owner=self._owner_of(copy.pair) if self._owner_of is not None else None)
         self._runner.start(body)
         self._want[copy.job] = copy.checkpoint_id
 

@@ -27,7 +27,7 @@ import urllib3.exceptions
 
 from csi_virtvol import errors
 from csi_virtvol.kube import informer
-from csi_virtvol.kube.crdstore import GROUP, label_value, wrap_api_error
+from csi_virtvol.kube.crdstore import API_VERSION, GROUP, VERSION, label_value, object_name, wrap_api_error
 
 Obj = dict[str, Any]
 k8s_watch: Any = _k8s_watch
@@ -87,6 +87,7 @@ def build_copy_job(
     checkpoint_id: str = "",
     tolerations: Sequence[Mapping[str, Any]] | None = None,
     image_pull_secrets: Sequence[Mapping[str, Any] | str] = (),
+    owner: Mapping[str, Any] | None = None,
 ) -> Obj:
     """The batch/v1 Job copying `src` (PATH[:OFFSET[:LENGTH]]) to `dst`
     (PATH[:OFFSET]) on `node`, for extent `extent_index` of `target` in pair `pair_id`.
@@ -94,6 +95,7 @@ def build_copy_job(
     `host_paths` are host directories the copy needs (block devices, the file
     pools); each is mounted at the same path.  `resume_from` is a byte count
     or "auto" (continue from the checkpoint in `state_dir` after a retry).
+    `owner` (`owner_reference`) makes the Job a dependent of its VolumePair.
     """
     if not name or len(name) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
         raise errors.InvalidRequest(f"job name {name!r} is not a DNS-1123 label of at most 63 characters")
@@ -159,16 +161,19 @@ def build_copy_job(
         pod_spec["priorityClassName"] = priority_class
     if image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": x} if isinstance(x, str) else dict(x) for x in image_pull_secrets]
+    metadata: Obj = {
+        "name": name,
+        "namespace": namespace,
+        "labels": meta_labels,
+        "annotations": {PAIR_LABEL: pair_id, TARGET_LABEL: target, f"{GROUP}/src": src,
+                        f"{GROUP}/dst": dst, CHECKPOINT_ANNOTATION: checkpoint_id},
+    }
+    if owner is not None:
+        metadata["ownerReferences"] = [dict(owner)]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": meta_labels,
-            "annotations": {PAIR_LABEL: pair_id, TARGET_LABEL: target, f"{GROUP}/src": src,
-                            f"{GROUP}/dst": dst, CHECKPOINT_ANNOTATION: checkpoint_id},
-        },
+        "metadata": metadata,
         "spec": {
             "backoffLimit": backoff_limit,
             "activeDeadlineSeconds": active_deadline_seconds,
@@ -181,6 +186,22 @@ def build_copy_job(
             "template": {"metadata": {"labels": meta_labels}, "spec": pod_spec},
         },
     }
+
+
+def owner_reference(pair: Obj) -> Obj:
+    """The ownerReference that makes a copy Job a dependent of its VolumePair object.
+
+    A cluster-scoped owner of a namespaced dependent is allowed.  Deleting the pair lets the
+    garbage collector delete the Job (and so its pods), e.g. when a clone is deleted mid-copy
+    and the controller does not get to it.  No blockOwnerDeletion: the driver deletes pairs
+    in the background (no foreground deletion waits for the Jobs), and setting it would need
+    update on volumepairs/finalizers (OwnerReferencesPermissionEnforcement).
+    """
+    meta = pair.get("metadata") or {}
+    if not meta.get("uid") or not meta.get("name"):
+        raise errors.InvalidRequest("an owner needs the VolumePair's name and uid")
+    return {"apiVersion": API_VERSION, "kind": "VolumePair", "name": str(meta["name"]), "uid": str(meta["uid"]),
+            "controller": True, "blockOwnerDeletion": False}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,6 +271,7 @@ class JobRunner:
         self._client: Any = api_client
         self._batch = k8s.BatchV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
+        self._custom = k8s.CustomObjectsApi(api_client)
         self._namespace = namespace
         self._timeout = request_timeout
         self._delays = delays
@@ -306,6 +328,18 @@ class JobRunner:
             except (urllib3.exceptions.HTTPError, OSError) as e:
                 raise wrap_api_error(e, f"create job {name}") from e
         raise errors.OperationPending(f"copy job {self._namespace}/{name} of a previous attempt is still going")
+
+    def pair_owner(self, pair_id: str) -> Obj:
+        """The ownerReference to VolumePair `pair_id` (its object, read for its uid).
+
+        NotFound if the pair is gone: a copy whose pair is gone must not start."""
+        name = object_name(pair_id)
+        try:
+            pair = self._call(lambda: self._custom.get_cluster_custom_object(
+                GROUP, VERSION, "volumepairs", name, _request_timeout=self._timeout), f"get volumepair {name}")
+        except (k8s.ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise wrap_api_error(e, f"get volumepair {name}") from e
+        return owner_reference(cast(Obj, pair))
 
     def get(self, name: str) -> Obj | None:
         try:

@@ -387,13 +387,17 @@ def test_volume_group_snapshot_class_options(render: Callable[..., str], helm: C
     assert bad.returncode != 0 and "volumeGroupSnapshotClass" in bad.stderr
 
 
-def test_snapshotter_rbac_covers_group_snapshot_objects(default_docs: list[Doc]) -> None:
-    """As external-snapshotter's deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml grants them."""
-    r = rules_for(default_docs, "csi-virtvol-controller")
+def test_snapshotter_rbac_covers_group_snapshot_objects(default_docs: list[Doc], render: Callable[..., str]) -> None:
+    """As external-snapshotter's deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml grants them,
+    when the sidecar's CSIVolumeGroupSnapshot gate is on; not at all when it is off."""
     needs = [(GS, "volumegroupsnapshotclasses", v) for v in ("get", "list", "watch")]
     needs += [(GS, "volumegroupsnapshotcontents", v) for v in ("get", "list", "watch", "update", "patch")]
     needs += [(GS, "volumegroupsnapshotcontents/status", v) for v in ("update", "patch")]
-    assert [n for n in needs if not allowed(r, *n)] == []
+    on = rules_for(load_docs(render("--api-versions", f"{GS}/v1")), "csi-virtvol-controller")
+    assert [n for n in needs if not allowed(on, *n)] == []
+    off = rules_for(default_docs, "csi-virtvol-controller")
+    assert [n for n in needs if allowed(off, *n)] == []
+    r = on
     # the driver's own record of each group (the CRD state store)
     assert all(allowed(r, GROUP, "virtvolgroupsnapshots", v) for v in ("get", "list", "watch", "create", "update",
                                                                        "delete"))

@@ -46,6 +46,10 @@ another writer racing the client: before a PUT or a DELETE of a custom
 resource, with probability `rate`, the object is first changed by someone else
 (an annotation, a new resourceVersion, a MODIFIED event), so the client's
 resourceVersion is really stale and the server answers 409 as a real one would.
+
+RBAC (`enforce_rbac`, fakerbac.py): with an authorizer, every request is authenticated by its
+bearer token and authorized against the Roles, ClusterRoles and bindings it was given (the
+rendered chart), and answered 401 or 403 Forbidden (kube-apiserver's Status) when not allowed.
 """
 from __future__ import annotations
 
@@ -1017,6 +1021,25 @@ class FakeApiServer:
                     return f
         return None
 
+    # -- RBAC (fakerbac.py) ----------------------------------------------------
+
+    rbac: Any = None  # a fakerbac.RbacAuthorizer once enforce_rbac() is called
+
+    def enforce_rbac(self, authorizer: Any) -> None:
+        """From now on, authenticate and authorize every request with `authorizer`."""
+        self.rbac = authorizer
+
+    def _authorize(self, method: str, path: str, q: Mapping[str, str], authorization: str | None) -> Any:
+        """None, or the fakerbac.Refusal to answer (a path the server does not serve is left to 404)."""
+        if self.rbac is None:
+            return None
+        m = _PATH.match(path)
+        if not m:
+            return None
+        return self.rbac.authorize(authorization, method, group="" if m.group("core") else m.group("group"),
+                                   resource=m.group("plural"), subresource=m.group("sub"),
+                                   namespace=m.group("ns"), name=m.group("name"), query=q)
+
     def recreate_job(self, name: str, namespace: str) -> Obj:
         """What a retry of a Job under the same name looks like: the Job is deleted and made again
         from its own spec (a new uid, no status); the old Job's pods stay until garbage collection."""
@@ -1118,6 +1141,11 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
             q = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
             with api._lock:
                 api.requests.append((method, url.path))
+            refusal = api._authorize(method, url.path, q, self.headers.get("Authorization"))
+            if refusal is not None:  # authentication and authorization come before any handler
+                self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
+                self._send_json(refusal.code, refusal.body)
+                return
             fault = api._take_fault(method, url.path)
             if fault is not None and fault.drop:
                 self.close_connection = True

@@ -9,6 +9,7 @@ as `kubectl get` would.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,7 +30,9 @@ from csi_virtvol import app
 from csi_virtvol.config import load_config
 from csi_virtvol.csi._gen import csi_pb2 as pb
 from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
+from chart_rbac import COPY_SA, CONTROLLER_SA, NODE_SA, enforce_chart_rbac, service_account_kubeconfig
 from fakeapi import FakeApiServer
+from fakerbac import RbacAuthorizer
 
 MiB = 1 << 20
 NS = "csi-virtvol"
@@ -100,37 +103,77 @@ def kubelet(api: FakeApiServer, stop: threading.Event) -> None:
                     pass
 
 
+@dataclasses.dataclass
+class Driver:
+    close: Callable[[], None]
+    channel: grpc.Channel          # the controller's CSI socket
+    node_channel: grpc.Channel     # the node plugin's
+    authz: RbacAuthorizer | None
+
+
+def start_driver(api: FakeApiServer, tmp_path: Path, arrays: list[dict[str, Any]], *,
+                 rbac: bool = True, run_jobs: bool = True) -> Driver:
+    """The controller and the node plugin, as the chart runs them: two processes' worth of
+    driver (mode controller, mode node) with the chart's ServiceAccounts, against `api`
+    enforcing the chart's RBAC; and a stand-in kubelet for copy Jobs (unless not `run_jobs`:
+    then they stay pending)."""
+    tag = uuid.uuid4().hex[:8]
+    authz = enforce_chart_rbac(api) if rbac else None
+
+    def conn(sa: str) -> dict[str, str]:
+        if authz is None:
+            return {"kubeApi": api.url}
+        return {"kubeconfig": str(service_account_kubeconfig(api, authz, sa, tmp_path / f"{sa}.kubeconfig"))}
+
+    host = tmp_path / "host"  # hostDataDir: the controller's and the node's data, and copy checkpoints
+    ctl_cfg = tmp_path / "controller.yaml"
+    ctl_cfg.write_text(yaml.safe_dump({
+        "store": "crd", **conn(CONTROLLER_SA), "namespace": NS, "copyImage": "csi-virtvol:test",
+        "leaderElection": {"enabled": True, "leaseName": "csi-virtvol-controller"},
+        "copyJob": {"serviceAccountName": COPY_SA, "hostDataDir": str(host)}, "arrays": arrays}))
+    node_cfg = tmp_path / "node.yaml"
+    node_cfg.write_text(yaml.safe_dump({"store": "crd", **conn(NODE_SA), "namespace": NS, "arrays": []}))
+    socks = (f"/tmp/virtvol-k8s-{tag}.sock", f"/tmp/virtvol-k8s-{tag}-node.sock")
+    configs = [load_config(endpoint=f"unix://{socks[0]}", data_dir=str(host / "controller"), node_id="node-1",
+                           mode="controller", config_file=str(ctl_cfg)),
+               load_config(endpoint=f"unix://{socks[1]}", data_dir=str(host / "node"),
+                           node_id="node-1", mode="node", config_file=str(node_cfg))]
+    stop, kstop = threading.Event(), threading.Event()
+    servers = [threading.Thread(target=app.serve, args=(c,), kwargs={"stop": stop}, daemon=True) for c in configs]
+    for t in servers:
+        t.start()
+    kube = threading.Thread(target=kubelet, args=(api, kstop), daemon=True)
+    if run_jobs:
+        kube.start()
+    channels = [grpc.insecure_channel(f"unix://{s}") for s in socks]
+    for ch in channels:
+        grpc.channel_ready_future(ch).result(timeout=30)
+
+    def close() -> None:
+        for ch in channels:
+            ch.close()
+        stop.set()
+        kstop.set()
+        for t in servers:
+            t.join(timeout=30)
+        if run_jobs:
+            kube.join(timeout=30)
+
+    return Driver(close=close, channel=channels[0], node_channel=channels[1], authz=authz)
+
+
 @pytest.fixture
 def cluster(fake_api: FakeApiServer, xfs_mount: Path, ext4_mount: Path,
             tmp_path: Path) -> Iterator[tuple[FakeApiServer, rpc.ControllerStub, grpc.Channel]]:
     tag = uuid.uuid4().hex[:8]
-    cfg = tmp_path / "controller.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "store": "crd", "kubeApi": fake_api.url, "namespace": NS, "copyImage": "csi-virtvol:test",
-        "leaderElection": {"enabled": True, "leaseName": "csi-virtvol-controller"},
-        "copyJob": {"serviceAccountName": "csi-virtvol-copy", "hostDataDir": str(tmp_path / "host")},
-        "arrays": [
-            {"id": "fast", "kind": "file", "params": {"path": str(xfs_mount / f"kf-{tag}"), "capacity": "256Mi"}},
-            {"id": "slow", "kind": "file", "params": {"path": str(ext4_mount / f"ks-{tag}"), "capacity": "256Mi"}},
-        ]}))
-    sock = f"/tmp/virtvol-k8s-{tag}.sock"
-    config = load_config(endpoint=f"unix://{sock}", data_dir=str(tmp_path / "data"), node_id="node-1",
-                         mode="all", config_file=str(cfg))
-    stop, kstop = threading.Event(), threading.Event()
-    server = threading.Thread(target=app.serve, args=(config,), kwargs={"stop": stop}, daemon=True)
-    server.start()
-    kube = threading.Thread(target=kubelet, args=(fake_api, kstop), daemon=True)
-    kube.start()
-    channel = grpc.insecure_channel(f"unix://{sock}")
-    grpc.channel_ready_future(channel).result(timeout=30)
+    d = start_driver(fake_api, tmp_path, [
+        {"id": "fast", "kind": "file", "params": {"path": str(xfs_mount / f"kf-{tag}"), "capacity": "256Mi"}},
+        {"id": "slow", "kind": "file", "params": {"path": str(ext4_mount / f"ks-{tag}"), "capacity": "256Mi"}}])
     try:
-        yield fake_api, rpc.ControllerStub(channel), channel
+        yield fake_api, rpc.ControllerStub(d.channel), d.channel
     finally:
-        channel.close()
-        stop.set()
-        kstop.set()
-        server.join(timeout=30)
-        kube.join(timeout=30)
+        d.close()
+    assert d.authz is not None and d.authz.denied() == [], "the chart's RBAC refused the driver"
 
 
 def _until(fn: Any, timeout: float = 90) -> Any:
