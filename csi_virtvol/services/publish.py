@@ -12,7 +12,8 @@ from csi_virtvol.model.capability import Capability, unsupported_reason
 from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.array import LunState
 from csi_virtvol.model.node import NodeInfo
-from csi_virtvol.model.volume import Attachment, VirtualVolume, VolumeKind, VolumeState
+from csi_virtvol.model.volume import (VirtualVolume, VolumeKind, VolumeState, attachment_for,
+                                      check_controller_publish)
 from csi_virtvol.services import access
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
@@ -81,27 +82,18 @@ class PublishService:
                 raise errors.PreconditionFailed(
                     f"volume {volume_id} is {vol.state.value}; it can be published when that ends")
             self._check_luns(vol)
-            mine = vol.attached_to(NodeId(node_id))
-            if mine is not None:
-                if mine.readonly != readonly:
-                    raise errors.AlreadyExists(
-                        f"volume {volume_id} is published to {node_id} with readonly={mine.readonly}")
+            want = attachment_for(NodeId(node_id), capability, readonly=readonly)
+            if check_controller_publish(volume_id, vol.attachments, want):
                 access.grant(self._arrays, self._store, node_id=node_id, extents=vol.extents)
                 return publish_context(vol, self._arrays)
-            others = [a for a in vol.attachments if a.node != node_id]
-            if others and not (capability.access_mode.multi_node and capability.access_mode.read_only):
-                raise errors.PreconditionFailed(
-                    f"volume {volume_id} is published to {others[0].node}; access mode "
-                    f"{capability.access_mode.name} allows one node")
-            new = dataclasses.replace(vol, attachments=vol.attachments + (
-                Attachment(node=NodeId(node_id), readonly=readonly),))
+            new = dataclasses.replace(vol, attachments=vol.attachments + (want,))
             access.grant(self._arrays, self._store, node_id=node_id, extents=vol.extents)
             try:
                 self._store.update(S.VOLUMES, new, revision=rec.revision)
             except BaseException:
                 access.revoke(self._arrays, self._store, node_id=node_id, extents=vol.extents)
                 raise
-            log.info("volume %s published to node %s (readonly=%s)", volume_id, node_id, readonly)
+            log.info("volume %s published to node %s (%s)", volume_id, node_id, want.describe())
             return publish_context(new, self._arrays)
 
     def _check_luns(self, vol: VirtualVolume) -> None:
