@@ -16,7 +16,7 @@ from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.volume import VirtualVolume, VolumeKind
 from csi_virtvol.model.pair import Fence
-from csi_virtvol.node import commands
+from csi_virtvol.node import capacity, commands
 from csi_virtvol.node import stager as node_stager
 from csi_virtvol.node.layout import BackingExtent
 from csi_virtvol.model.allocation import choose_size
@@ -54,10 +54,21 @@ class NodeService:
         self._attacher = Attacher(os.path.join(config.node_state_dir, "attach"))
         self.fences = FenceKeeper(node_id=config.node_id, store=store, stager=self._stager,
                                   state_dir=config.node_state_dir)
+        self.max_volumes = self._max_volumes()
+
+    def _max_volumes(self) -> int:
+        """The configured maxVolumesPerNode, else what this node can hold (node/capacity.py)."""
+        if self._config.max_volumes_per_node > 0:
+            log.info("max volumes per node: %d (maxVolumesPerNode)", self._config.max_volumes_per_node)
+            return self._config.max_volumes_per_node
+        n, why = capacity.max_volumes(composer=self._stager.composer_kind,
+                                      nbd=any(a.kind == "qsd" for a in self._config.arrays))
+        log.info("max volumes per node: %d (%s; set maxVolumesPerNode to choose)", n, why)
+        return n
 
     def info(self) -> NodeInfo:
         return NodeInfo(id=self._config.node_id, topology=dict(self._config.node_topology),
-                        max_volumes=self._config.max_volumes_per_node)
+                        max_volumes=self.max_volumes)
 
     def _volume(self, volume_id: str) -> VirtualVolume:
         rec = self._store.get(S.VOLUMES, volume_id)
