@@ -169,9 +169,9 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         loops.append(("arrays", lambda stop: arrays.keep_synced(stop, is_leader=leader)))
     node = None
     if config.mode.node:
-        PublishService.register(store, node_record(config.node_id, config.node_topology,
-                                                   config.max_volumes_per_node))
         node_service = NodeService(config=config, store=store, locks=locks)
+        PublishService.register(store, node_record(config.node_id, config.node_topology,
+                                                   node_service.max_volumes))
         node = NodeServicer(service=node_service)
         loops.append(("fences", node_service.fences.run))
         if config.store == "crd":  # copy pods' checkpoints on this node (services/checkpoints.py)

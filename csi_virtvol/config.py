@@ -161,13 +161,19 @@ def load_config(*, endpoint: str, data_dir: str, node_id: str, mode: str = "all"
         m = Mode(mode)
     except ValueError as e:
         raise errors.InvalidRequest(f"--mode must be one of all, controller, node, not {mode!r}") from e
+    try:
+        max_volumes = int(doc.get("maxVolumesPerNode", 0))
+    except (TypeError, ValueError) as e:
+        raise errors.InvalidRequest(f"maxVolumesPerNode must be a whole number: {e}") from e
+    if max_volumes < 0:
+        raise errors.InvalidRequest(f"maxVolumesPerNode must be 0 (what the node can hold) or more, not {max_volumes}")
     topo: dict[str, str] = {TOPOLOGY_NODE_KEY: nid}
     topo.update({str(k): str(v) for k, v in (doc.get("nodeTopology") or {}).items()})
     return Config(
         endpoint=endpoint, data_dir=data_dir, node_id=nid, mode=m,
         store=store or str(doc.get("store", "sqlite")), arrays=arrays,
         ability_table=str(doc.get("abilityTable", "")),
-        max_volumes_per_node=int(doc.get("maxVolumesPerNode", 0)),
+        max_volumes_per_node=max_volumes,
         node_topology=topo,
         copy_bandwidth=parse_size(doc.get("copyBandwidth", 0)),
         kube_namespace=str(doc.get("namespace", os.environ.get("POD_NAMESPACE", "kube-system"))),

@@ -76,6 +76,7 @@ import urllib3.exceptions
 from csi_virtvol import config, errors
 from csi_virtvol.model import codec
 from csi_virtvol.model.array import ArraySpec
+from csi_virtvol.model.capability import AccessMode
 from csi_virtvol.model.ids import ArrayId, NodeId, Revision
 from csi_virtvol.store.base import Change, Put, Remove, Table, Versioned, Write
 
@@ -148,6 +149,17 @@ def _lun_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
             {"state": rec["state"], "volume": rec["volume"]})
 
 
+def _attachment(a: Obj) -> Obj:
+    """A ControllerPublish as kubectl shows it: the access mode by name."""
+    out: Obj = {"node": a["node"], "readonly": a["readonly"]}
+    mode = a.get("access_mode", 0)
+    if mode:
+        out["accessMode"] = AccessMode(mode).name
+    if a.get("access_type"):
+        out["accessType"] = a["access_type"]
+    return out
+
+
 def _volume_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
     spec: Obj = {"name": rec["name"], "size": rec["size"], "kind": rec["kind"],
                  "extents": [{"array": e["array"], "lun": e["lun"], "offset": e["offset"], "length": e["length"]}
@@ -156,7 +168,7 @@ def _volume_body(rec: Obj, old_spec: Mapping[str, Any]) -> tuple[Obj, Obj]:
                  "mutableParameters": rec["mutable_parameters"], "contentSource": rec["content_source"],
                  "sourceVolume": rec["source_volume"], "topology": rec["topology"]}
     status: Obj = {"state": rec["state"], "role": rec["role"],
-                   "attachments": [{"node": a["node"], "readonly": a["readonly"]} for a in rec["attachments"]],
+                   "attachments": [_attachment(a) for a in rec["attachments"]],
                    "message": rec["message"], "extents": extents_text(rec["extents"])}
     return spec, status
 

@@ -5,6 +5,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from csi_virtvol import errors
+from csi_virtvol.model.capability import AccessMode, AccessType, Capability
 from csi_virtvol.model.ids import ArrayId, LunId, NodeId, VolumeId
 
 
@@ -41,8 +43,49 @@ class VolumeKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Attachment:
+    """A ControllerPublishVolume that holds: the node, and the capability and readonly flag
+    it was made with (UNKNOWN / None in records written before they were kept)."""
+
     node: NodeId
     readonly: bool
+    access_mode: AccessMode = AccessMode.UNKNOWN
+    access_type: AccessType | None = None
+
+    def describe(self) -> str:
+        kind = f"{self.access_type.value} " if self.access_type else ""
+        mode = self.access_mode.name if self.access_mode is not AccessMode.UNKNOWN else "(mode not recorded)"
+        return f"{kind}{mode} {'readonly' if self.readonly else 'read-write'}"
+
+
+def check_controller_publish(volume_id: str, attachments: tuple[Attachment, ...], new: Attachment) -> bool:
+    """ControllerPublishVolume's rules for `new` against the volume's attachments.  True: the
+    volume is already published so to that node (idempotent).  False: go ahead.  Raises
+    AlreadyExists (published to that node with another capability or readonly flag) or
+    PreconditionFailed (published to another node, and not both MULTI_NODE_READER_ONLY: the
+    only MULTI_NODE mode this driver serves)."""
+    for old in attachments:
+        if old.node != new.node:
+            continue
+        legacy = old.access_mode is AccessMode.UNKNOWN  # recorded before modes were kept
+        if old.readonly == new.readonly and (legacy or (old.access_mode, old.access_type)
+                                             == (new.access_mode, new.access_type)):
+            return True
+        raise errors.AlreadyExists(
+            f"volume {volume_id} is published to node {new.node} as {old.describe()}, not {new.describe()}")
+    others = [a for a in attachments if a.node != new.node]
+    shared = new.access_mode is AccessMode.MULTI_NODE_READER_ONLY and all(
+        a.access_mode in (AccessMode.MULTI_NODE_READER_ONLY, AccessMode.UNKNOWN) for a in others)
+    if others and not shared:
+        raise errors.PreconditionFailed(
+            f"volume {volume_id} is published to node {others[0].node} as {others[0].describe()}; "
+            f"{new.access_mode.name} to node {new.node} needs it unpublished there first "
+            "(only MULTI_NODE_READER_ONLY volumes are published to several nodes)")
+    return False
+
+
+def attachment_for(node: NodeId, capability: Capability, *, readonly: bool) -> Attachment:
+    return Attachment(node=node, readonly=readonly, access_mode=capability.access_mode,
+                      access_type=capability.access_type)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

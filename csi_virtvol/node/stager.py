@@ -10,7 +10,9 @@
               filesystem is frozen (fsfreeze) only around the composition's cut
 
 A JSON record per staged volume under state_dir/volumes/ lets unstage and expand work
-after a plugin restart.  Every step is idempotent: a stage retried after a crash halfway
+after a plugin restart; next to it, publications.json keeps each target path's
+NodePublishVolume arguments, so the spec's rules for a second publish hold after a restart
+too (a recorded target that is no longer mounted is not in effect).  Every step is idempotent: a stage retried after a crash halfway
 finds what the first attempt made and finishes.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from csi_virtvol import errors
+from csi_virtvol.model import codec
+from csi_virtvol.model.capability import Publication
 from csi_virtvol.node import composer as composing
 from csi_virtvol.node import commands, devices, fs, layout
 from csi_virtvol.node.cut import Changed, CutCapable, CutView
@@ -125,6 +129,28 @@ class Stager:
         workdir = self._workdir(rec.volume_id)
         os.makedirs(workdir, exist_ok=True)
         layout.write_json_atomic(os.path.join(workdir, "record.json"), rec.to_dict())
+
+    # -- publications ----------------------------------------------------------------------
+
+    def _publications_file(self, volume_id: str) -> str:
+        return os.path.join(self._workdir(volume_id), "publications.json")
+
+    def _recorded(self, volume_id: str) -> list[Publication]:
+        try:
+            with open(self._publications_file(volume_id), encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise errors.BackendError(f"the publications of {volume_id} are unreadable: {e}") from e
+        return [codec.from_dict(Publication, d) for d in data]
+
+    def _record_publications(self, volume_id: str, pubs: Sequence[Publication]) -> None:
+        layout.write_json_atomic(self._publications_file(volume_id), [codec.to_dict(p) for p in pubs])
+
+    def publications(self, volume_id: str) -> list[Publication]:
+        """The volume's publications in effect: recorded, and their target still mounted."""
+        return [p for p in self._recorded(volume_id) if fs.mount_info(p.target) is not None]
 
     @contextmanager
     def _locked(self, volume_id: str) -> Iterator[None]:
@@ -299,9 +325,32 @@ class Stager:
         readonly: bool = False,
         mount_flags: Sequence[str] = (),
         mount_group: str = "",
+        publication: Publication | None = None,
     ) -> None:
+        """Bind the staged volume at target_path.  `publication` (the request's arguments) is
+        recorded before the mount, and dropped again if the mount fails."""
         if not target_path:
             raise errors.InvalidRequest("target path missing")
+        target_path = os.path.normpath(target_path)
+        staged = self.get(volume_id)
+        if staged is None or staged.phase != "staged":
+            raise errors.PreconditionFailed(f"volume {volume_id} is not staged on this node")
+        if publication is None:
+            self._publish(volume_id, staging_path, target_path, access=access, readonly=readonly,
+                          mount_flags=mount_flags, mount_group=mount_group)
+            return
+        keep = [p for p in self._recorded(volume_id) if p.target != target_path]
+        self._record_publications(volume_id, keep + [replace(publication, target=target_path)])
+        try:
+            self._publish(volume_id, staging_path, target_path, access=access, readonly=readonly,
+                          mount_flags=mount_flags, mount_group=mount_group)
+        except BaseException:
+            if fs.mount_info(target_path) is None:
+                self._record_publications(volume_id, keep)
+            raise
+
+    def _publish(self, volume_id: str, staging_path: str, target_path: str, *, access: Access,
+                 readonly: bool, mount_flags: Sequence[str], mount_group: str) -> None:
         rec = self.get(volume_id)
         if rec is None or rec.phase != "staged":
             raise errors.PreconditionFailed(f"volume {volume_id} is not staged on this node")
@@ -311,7 +360,6 @@ class Stager:
             raise errors.InvalidRequest(
                 f"volume {volume_id} is staged at {rec.staging_path}, not {staging_path}"
             )
-        target_path = os.path.normpath(target_path)
         existing = fs.mount_info(target_path)
         if existing is not None:
             if readonly != existing.readonly:
@@ -336,11 +384,20 @@ class Stager:
                 fs.set_mount_group(target_path, fs.parse_group(mount_group))
         logger.info("published %s at %s", volume_id, target_path)
 
-    def unpublish(self, target_path: str) -> None:
-        """Unmount the target and remove it (a file for block, a directory for mount)."""
+    def unpublish(self, target_path: str, *, volume_id: str = "") -> None:
+        """Unmount the target and remove it (a file for block, a directory for mount), and
+        forget it among `volume_id`'s publications."""
         if not target_path:
             raise errors.InvalidRequest("target path missing")
         target_path = os.path.normpath(target_path)
+        self._unpublish(target_path)
+        if volume_id and os.path.isdir(self._workdir(volume_id)):
+            recorded = self._recorded(volume_id)
+            keep = [p for p in recorded if p.target != target_path]
+            if keep != recorded:
+                self._record_publications(volume_id, keep)
+
+    def _unpublish(self, target_path: str) -> None:
         info = fs.mount_info(target_path)
         fs.unmount(target_path)
         if info is not None and info.root.startswith("/loop"):

@@ -11,11 +11,12 @@ from collections.abc import Mapping
 
 from csi_virtvol import errors
 from csi_virtvol.config import Config
-from csi_virtvol.model.capability import AccessType, Capability, unsupported_reason
+from csi_virtvol.model.capability import AccessType, Capability, Publication, check_node_publish, unsupported_reason
+from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.volume import VirtualVolume, VolumeKind
 from csi_virtvol.model.pair import Fence
-from csi_virtvol.node import commands
+from csi_virtvol.node import capacity, commands
 from csi_virtvol.node import stager as node_stager
 from csi_virtvol.node.layout import BackingExtent
 from csi_virtvol.model.allocation import choose_size
@@ -53,10 +54,21 @@ class NodeService:
         self._attacher = Attacher(os.path.join(config.node_state_dir, "attach"))
         self.fences = FenceKeeper(node_id=config.node_id, store=store, stager=self._stager,
                                   state_dir=config.node_state_dir)
+        self.max_volumes = self._max_volumes()
+
+    def _max_volumes(self) -> int:
+        """The configured maxVolumesPerNode, else what this node can hold (node/capacity.py)."""
+        if self._config.max_volumes_per_node > 0:
+            log.info("max volumes per node: %d (maxVolumesPerNode)", self._config.max_volumes_per_node)
+            return self._config.max_volumes_per_node
+        n, why = capacity.max_volumes(composer=self._stager.composer_kind,
+                                      nbd=any(a.kind == "qsd" for a in self._config.arrays))
+        log.info("max volumes per node: %d (%s; set maxVolumesPerNode to choose)", n, why)
+        return n
 
     def info(self) -> NodeInfo:
         return NodeInfo(id=self._config.node_id, topology=dict(self._config.node_topology),
-                        max_volumes=self._config.max_volumes_per_node)
+                        max_volumes=self.max_volumes)
 
     def _volume(self, volume_id: str) -> VirtualVolume:
         rec = self._store.get(S.VOLUMES, volume_id)
@@ -110,18 +122,41 @@ class NodeService:
 
     def publish(self, volume_id: str, staging_path: str, target_path: str, *, capability: Capability,
                 readonly: bool) -> None:
+        """NodePublishVolume under the spec's rules for a volume published more than once on a
+        node (model.capability.check_node_publish).  The target is read-only when the request
+        says so, when the access mode is a reader's (whatever the flag: a CO may leave it false
+        for a ReadOnlyMany volume), when ControllerPublish made this node's attachment readonly,
+        or when the volume is staged read-only."""
         reason = unsupported_reason(capability)
         if reason:
             raise errors.UnsupportedCapability(reason)
+        target_path = os.path.normpath(target_path)
         with self._locks.hold(volume_id):
             access: node_stager.Access = "block" if capability.access_type is AccessType.BLOCK else "mount"
+            want = Publication(target=target_path, access_type=capability.access_type,
+                               access_mode=capability.access_mode, readonly=readonly,
+                               fs_type=capability.fs_type, mount_flags=capability.mount_flags,
+                               mount_group=capability.mount_group)
+            if check_node_publish(volume_id, self._stager.publications(volume_id), want):
+                return
             self._stager.publish(volume_id, staging_path, target_path, access=access,
-                                 readonly=readonly or capability.access_mode.read_only,
-                                 mount_flags=capability.mount_flags, mount_group=capability.mount_group)
+                                 readonly=self._read_only(volume_id, capability, readonly=readonly),
+                                 mount_flags=capability.mount_flags, mount_group=capability.mount_group,
+                                 publication=want)
+
+    def _read_only(self, volume_id: str, capability: Capability, *, readonly: bool) -> bool:
+        if readonly or capability.access_mode.read_only:
+            return True
+        staged = self._stager.get(volume_id)
+        if staged is not None and staged.readonly:
+            return True
+        rec = self._store.get(S.VOLUMES, volume_id)
+        mine = rec.value.attached_to(NodeId(self._config.node_id)) if rec is not None else None
+        return mine is not None and mine.readonly
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         with self._locks.hold(volume_id):
-            self._stager.unpublish(target_path)
+            self._stager.unpublish(target_path, volume_id=volume_id)
 
     def stats(self, volume_id: str, volume_path: str) -> Stats:
         staged = self._stager.get(volume_id)

@@ -4,15 +4,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from csi_virtvol import errors
 from csi_virtvol.model.capability import Capability, unsupported_reason
 from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.array import LunState
 from csi_virtvol.model.node import NodeInfo
-from csi_virtvol.model.volume import Attachment, VirtualVolume, VolumeKind, VolumeState
+from csi_virtvol.model.volume import (VirtualVolume, VolumeKind, VolumeState, attachment_for,
+                                      check_controller_publish)
 from csi_virtvol.services import access
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
@@ -53,6 +56,17 @@ class PublishService:
         self._store = store
         self._arrays = arrays
         self._locks = locks
+        self._node_locks: dict[str, threading.Lock] = {}
+        self._node_locks_guard = threading.Lock()
+
+    @contextmanager
+    def _node(self, node_id: str) -> Iterator[None]:
+        """Publishes to one node wait for each other: the count of its volumes is checked
+        and the new attachment recorded as one step."""
+        with self._node_locks_guard:
+            lock = self._node_locks.setdefault(node_id, threading.Lock())
+        with lock:
+            yield
 
     @staticmethod
     def register(store: StateStore, node: NodeInfo) -> None:
@@ -74,35 +88,41 @@ class PublishService:
             rec = self._store.get(S.VOLUMES, volume_id)
             if rec is None or rec.value.kind is not VolumeKind.VOLUME or rec.value.state is VolumeState.DELETING:
                 raise errors.NotFound(f"volume {volume_id} does not exist")
-            if self._store.get(S.NODES, node_id) is None:
+            node = self._store.get(S.NODES, node_id)
+            if node is None:
                 raise errors.NotFound(f"node {node_id} is not known to the driver")
             vol = rec.value
             if vol.state is not VolumeState.AVAILABLE:
                 raise errors.PreconditionFailed(
                     f"volume {volume_id} is {vol.state.value}; it can be published when that ends")
             self._check_luns(vol)
-            mine = vol.attached_to(NodeId(node_id))
-            if mine is not None:
-                if mine.readonly != readonly:
-                    raise errors.AlreadyExists(
-                        f"volume {volume_id} is published to {node_id} with readonly={mine.readonly}")
+            want = attachment_for(NodeId(node_id), capability, readonly=readonly)
+            if check_controller_publish(volume_id, vol.attachments, want):
                 access.grant(self._arrays, self._store, node_id=node_id, extents=vol.extents)
                 return publish_context(vol, self._arrays)
-            others = [a for a in vol.attachments if a.node != node_id]
-            if others and not (capability.access_mode.multi_node and capability.access_mode.read_only):
-                raise errors.PreconditionFailed(
-                    f"volume {volume_id} is published to {others[0].node}; access mode "
-                    f"{capability.access_mode.name} allows one node")
-            new = dataclasses.replace(vol, attachments=vol.attachments + (
-                Attachment(node=NodeId(node_id), readonly=readonly),))
-            access.grant(self._arrays, self._store, node_id=node_id, extents=vol.extents)
-            try:
-                self._store.update(S.VOLUMES, new, revision=rec.revision)
-            except BaseException:
-                access.revoke(self._arrays, self._store, node_id=node_id, extents=vol.extents)
-                raise
-            log.info("volume %s published to node %s (readonly=%s)", volume_id, node_id, readonly)
+            with self._node(node_id):
+                self._check_room(node_id, node.value.max_volumes)
+                new = dataclasses.replace(vol, attachments=vol.attachments + (want,))
+                access.grant(self._arrays, self._store, node_id=node_id, extents=vol.extents)
+                try:
+                    self._store.update(S.VOLUMES, new, revision=rec.revision)
+                except BaseException:
+                    access.revoke(self._arrays, self._store, node_id=node_id, extents=vol.extents)
+                    raise
+            log.info("volume %s published to node %s (%s)", volume_id, node_id, want.describe())
             return publish_context(new, self._arrays)
+
+    def _check_room(self, node_id: str, limit: int) -> None:
+        """The spec's "Max volumes attached": RESOURCE_EXHAUSTED when the node already holds
+        the max_volumes_per_node its NodeGetInfo reported (0: no limit)."""
+        if limit <= 0:
+            return
+        held = sum(1 for r in self._store.list(S.VOLUMES)
+                   if r.value.kind is VolumeKind.VOLUME and r.value.attached_to(NodeId(node_id)) is not None)
+        if held >= limit:
+            raise errors.CapacityExceeded(
+                f"node {node_id} already has {held} volume(s) published, its limit "
+                f"(max_volumes_per_node {limit}); unpublish one first")
 
     def _check_luns(self, vol: VirtualVolume) -> None:
         for e in vol.extents:

@@ -476,14 +476,16 @@ class VolumeService:
 
     # -- modify --------------------------------------------------------------
     def modify(self, volume_id: str, *, mutable: Mapping[str, str]) -> VirtualVolume:
+        """ControllerModifyVolume: the volume is looked up first (NOT_FOUND before anything
+        else); an empty map changes nothing and succeeds, as the reference driver does."""
         if not volume_id:
             raise errors.InvalidRequest("volume_id is required")
-        if not mutable:
-            raise errors.InvalidRequest("mutable_parameters are required")
         with self._locks.hold(volume_id):
             rec = self._store.get(S.VOLUMES, volume_id)
             if rec is None or rec.value.kind is not VolumeKind.VOLUME:
                 raise errors.NotFound(f"volume {volume_id} does not exist")
+            if not mutable:
+                return rec.value
             merged = {**rec.value.mutable_parameters, **mutable}
             P.placement(rec.value.parameters, merged)  # validates keys and values
             for name in P.user_parameters(mutable):

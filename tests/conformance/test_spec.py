@@ -192,9 +192,32 @@ def test_controller_modify_rejects(plugin: Plugin) -> None:
     m = plugin.controller.ControllerModifyVolume
     R = pb.ControllerModifyVolumeRequest
     expect(plugin, Code.INVALID_ARGUMENT, m, R(mutable_parameters={"maxExtentSize": "64Mi"}))
-    expect(plugin, Code.INVALID_ARGUMENT, m, R(volume_id=vid))
     expect(plugin, Code.INVALID_ARGUMENT, m, R(volume_id=vid, mutable_parameters={"maxExtentSize": "-1"}))
     expect(plugin, Code.INVALID_ARGUMENT, m, R(volume_id=vid, mutable_parameters={"arrays": "nowhere"}))
+    # the volume is looked up first: a missing one is NOT_FOUND, with or without parameters
+    expect(plugin, Code.NOT_FOUND, m, R(volume_id="vv-none"))
+    expect(plugin, Code.NOT_FOUND, m, R(volume_id="vv-none", mutable_parameters={"colour": "blue"}))
+
+
+def _mutable(p: Plugin, vid: str) -> dict[str, str]:
+    from csi_virtvol.store import base as S
+    from csi_virtvol.store.sqlite import SqliteStore
+
+    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+        rec = st.get(S.VOLUMES, vid)
+    assert rec is not None
+    return dict(rec.value.mutable_parameters)
+
+
+def test_controller_modify_with_no_parameters_is_a_no_op(plugin: Plugin) -> None:
+    """As in the reference driver (csi-driver-host-path): an empty mutable_parameters map on
+    an existing volume succeeds and changes nothing."""
+    vid = new_volume(plugin)
+    m = plugin.controller.ControllerModifyVolume
+    m(pb.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"maxExtentSize": "4Mi"}))
+    before = plugin.footprint(), _mutable(plugin, vid)
+    m(pb.ControllerModifyVolumeRequest(volume_id=vid))
+    assert (plugin.footprint(), _mutable(plugin, vid)) == before == (before[0], {"maxExtentSize": "4Mi"})
 
 
 # -- capability-gated behaviour -----------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from csi_virtvol import errors
 from csi_virtvol.model.array import Ability, ArrayIdentity, ArrayInfo, Lun, LunOrigin, LunState
 from csi_virtvol.model.group import GroupSnapshot, GroupState
+from csi_virtvol.model.capability import AccessMode, AccessType
 from csi_virtvol.model.ids import ArrayId, GroupSnapshotId, LunId, NodeId, PairId, Revision, VolumeId
 from csi_virtvol.model.pair import CopyMethod, ExtentCopy, ExtentCopyState, Pair, PairState, PairTarget
 from csi_virtvol.model.volume import (
@@ -71,8 +72,9 @@ def volume(ident: str, *, name: str = "", kind: VolumeKind = VolumeKind.VOLUME, 
         mutable_parameters={"iops": "1000"},
         content_source=f"volume:{source}" if source else "", source_volume=source,
         role=CopyRole.SOURCE,
-        attachments=(Attachment(node=NodeId("node-1"), readonly=False),
-                     Attachment(node=NodeId("node-2"), readonly=True)),
+        attachments=(Attachment(node=NodeId("node-1"), readonly=False),  # as recorded before modes were
+                     Attachment(node=NodeId("node-2"), readonly=True, access_mode=AccessMode.MULTI_NODE_READER_ONLY,
+                                access_type=AccessType.BLOCK)),
         topology={"topology.virtvol.io/zone": "z1"}, created_at=1718000000.25,
         message="created from 2 arrays",
     )

@@ -5,7 +5,7 @@ import os
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +90,15 @@ def unique(prefix: str = "vol") -> str:
 
 @contextmanager
 def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str, str]]],
-                   extra_arrays: Sequence[dict[str, object]] = ()) -> Iterator[Plugin]:
+                   extra_arrays: Sequence[dict[str, object]] = (), *,
+                   settings: Mapping[str, object] | None = None,
+                   teardown_node: bool = True) -> Iterator[Plugin]:
     """pools: (array id, directory, capacity bytes (0: the filesystem's), labels) of file
-    pools; extra_arrays: more entries of the config's `arrays` (other driver kinds)."""
+    pools; extra_arrays: more entries of the config's `arrays` (other driver kinds);
+    settings: more top-level keys of the config file (maxVolumesPerNode, ...).
+    teardown_node=False leaves what is staged and published in place when the plugin
+    stops, as a restart of the plugin does (a later running_plugin on the same workdir
+    takes it over and tears it down)."""
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     arrays = []
@@ -103,7 +109,7 @@ def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str
         arrays.append({"id": aid, "kind": "file", "params": params, "labels": labels})
     arrays += [dict(a) for a in extra_arrays]
     cfg_file = workdir / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump({"arrays": arrays}))
+    cfg_file.write_text(yaml.safe_dump({"arrays": arrays, **(settings or {})}))
     sock = f"/tmp/virtvol-{uuid.uuid4().hex[:12]}.sock"  # short: unix socket paths are limited
     endpoint = f"unix://{sock}"
     config = load_config(endpoint=endpoint, data_dir=str(data), node_id=NODE_ID, config_file=str(cfg_file))
@@ -134,6 +140,7 @@ def running_plugin(workdir: Path, pools: Sequence[tuple[str, Path, int, dict[str
         t.join(timeout=30)
         if os.path.exists(sock):
             os.unlink(sock)
-        _teardown_node(config.node_state_dir, workdir)
+        if teardown_node:
+            _teardown_node(config.node_state_dir, workdir)
     if errors:
         raise errors[0]
