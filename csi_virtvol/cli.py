@@ -119,6 +119,9 @@ def cmd_volume(args: argparse.Namespace) -> int:
                 volume_id=args.id, capacity_range=pb.CapacityRange(required_bytes=parse_size(args.size))))
         elif args.action == "delete":
             out = cl.call(cl.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=args.id))
+        elif args.action == "modify":
+            out = cl.call(cl.controller.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(
+                volume_id=args.id, mutable_parameters=_kv(args.param)))
         elif args.action == "publish":
             out = cl.call(cl.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
                 volume_id=args.id, node_id=args.node, volume_capability=C.capability(block=args.block),
@@ -249,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--max-entries", type=int, default=0)
     for name in ("get", "delete"):
         vs.add_parser(name).add_argument("id")
+    mo = vs.add_parser("modify", help="ControllerModifyVolume: maxExtentSize, arrays, copyBandwidth")
+    mo.add_argument("id")
+    mo.add_argument("--param", action="append", default=[], help="key=value (mutable parameter)")
     mp = vs.add_parser("map", help="the volume's (or snapshot's) extents: array, LUN, offset, length")
     mp.add_argument("id")
     mp.add_argument("--json", action="store_true")

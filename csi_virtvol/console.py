@@ -86,10 +86,11 @@ class _Progress:
         self._last: tuple[float, int] = (0.0, -LINE_STEP)
         if stream.isatty() if tty is None else tty:
             from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+            # no speed or time left: an internal copy's bytes are done at once and would skew both
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), console=Console(file=stream))
+                                 TimeElapsedColumn(), console=Console(file=stream))
             self._task = self._bar.add_task(title, total=None)
             self._bar.start()
 
