@@ -51,7 +51,8 @@ IMAGE = 512 * MiB          # sparse; XFS wants 300 MB at least
 PAYLOAD = 80 * MiB         # written before the snapshot: more than one extent holds
 RECORD = 4096              # the writer's records
 WRITER_PERIOD = 0.003
-WRITER_ALONE = 1.0         # seconds the writer runs before the snapshot
+WRITER_ALONE = 1.0         # seconds the writer runs before the snapshot ...
+WRITER_AFTER = 1.0         # ... and after it
 ORDER = ["internal", "remote", "host"]
 FAST, PLAIN = "xfs", "ext4"
 
@@ -230,6 +231,7 @@ class Writer:
     `acked` keeps (i, wall-clock time the write was acknowledged)."""
 
     def __init__(self, path: str) -> None:
+        self._path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         self.acked: list[tuple[int, float]] = []
         self.error: BaseException | None = None
@@ -248,13 +250,26 @@ class Writer:
                 time.sleep(WRITER_PERIOD)
         except OSError as e:
             self.error = e
+        finally:
+            os.close(self._fd)
+
+    def stalled(self) -> float:
+        """Seconds since its last acknowledged write."""
+        return time.time() - (self.acked[-1][1] if self.acked else 0.0)
 
     def stop(self) -> None:
-        if self._stop.is_set():
-            return
+        """Stop it.  A writer stuck in a write (its filesystem left frozen) is thawed first:
+        a frozen filesystem can be neither unmounted nor left behind."""
         self._stop.set()
-        self._t.join(timeout=30)
-        os.close(self._fd)
+        self._t.join(timeout=2)
+        if self._t.is_alive():
+            subprocess.run(["fsfreeze", "--unfreeze", os.path.dirname(self._path)], capture_output=True,
+                           check=False)
+            self._t.join(timeout=10)
+            if self._t.is_alive():
+                raise errors.BackendError(f"the writer is stuck in a write to {self._path}")
+            raise errors.BackendError(f"the writer was stuck in a write to {self._path} until its "
+                                      "filesystem was thawed by hand")
 
     def longest_pause(self, since: float, until: float) -> float:
         times = [t for _, t in self.acked if since <= t <= until]
@@ -421,7 +436,10 @@ class Demo:
         if snap["snapshot_id"] != sid:
             raise DemoFailed(f"the snapshot got id {snap['snapshot_id']}, not {sid}")
         if writer is not None:
-            time.sleep(0.3)
+            time.sleep(WRITER_AFTER)
+            if writer.stalled() > WRITER_AFTER:
+                raise DemoFailed(f"the writer has not written for {writer.stalled():.1f}s since the snapshot "
+                                 "was ready: the node did not let its writes go after the cut")
             self.undo.now(wkey)
             if writer.error is not None:
                 raise DemoFailed(f"the writer failed: {writer.error}")
@@ -552,7 +570,7 @@ def main(args: argparse.Namespace) -> int:
         for line in failed:
             say(f"  clean-up: {line}")
         say(f"\ncleaned up: volumes, snapshot, node mounts, plugin, pools' mounts, loop devices, images, {work}"
-            if not failed else "\nclean-up left something behind (above)")
+            if not failed else "\nclean-up had problems (above)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if status == 0 and not failed:
