@@ -216,7 +216,8 @@ def _wait_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csi-virtvol", description=__doc__)
-    p.add_argument("--log-level", default=os.environ.get("VIRTVOL_LOG_LEVEL", "info"))
+    p.add_argument("--log-level", default=os.environ.get("VIRTVOL_LOG_LEVEL", ""),
+                   help="default info (warning for the demo, whose own lines say what happens)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the CSI plugin")
@@ -303,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(os.environ.get("VIRTVOL_LOG_LEVEL", "info"))
         return cmd_copy(argv[1:])
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level or ("warning" if args.command == "demo" else "info"))
     try:
         return int(args.func(args))
     except errors.VirtvolError as e:
