@@ -135,7 +135,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     from csi_virtvol.csi.group_controller import GroupControllerServicer
     from csi_virtvol.csi.identity import IdentityServicer
     from csi_virtvol.csi.node import NodeServicer
-    from csi_virtvol.csi.pairs import PairsServicer
+    from csi_virtvol.csi.pairs import MappingServicer, PairsServicer
     from csi_virtvol.csi.server import build_server
     from csi_virtvol.csi.snapshot_metadata import SnapshotMetadataServicer
     from csi_virtvol.services.node import NodeService
@@ -147,6 +147,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
     loops: list[tuple[str, Callable[[threading.Event], None]]] = []
     controller = None
     pairs = None
+    mapping = None
     metadata = None
     group_controller = None
     core = None
@@ -160,6 +161,7 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
         controller = ControllerServicer(volumes=core.volumes, publish=core.publish, snapshots=core.snapshots,
                                         groups=core.groups)
         pairs = PairsServicer(snapshots=core.snapshots)
+        mapping = MappingServicer(volumes=core.volumes)
         metadata = SnapshotMetadataServicer(service=core.metadata)
         group_controller = GroupControllerServicer(groups=core.groups, snapshots=core.snapshots)
         loops += [(f"lease-{i}", t) for i, t in enumerate(parts.threads if parts else ())]
@@ -186,7 +188,8 @@ def serve(config: Config, *, stop: threading.Event | None = None) -> int:
                                 snapshot_metadata=metadata is not None,
                                 group_controller=group_controller is not None)
     server = build_server(endpoint=config.endpoint, identity=identity, controller=controller, node=node,
-                          pairs=pairs, snapshot_metadata=metadata, group_controller=group_controller)
+                          pairs=pairs, snapshot_metadata=metadata, group_controller=group_controller,
+                          mapping=mapping)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         # before the first Probe can say ready: a SIGTERM right after it stops cleanly

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from csi_virtvol import errors
@@ -46,25 +41,87 @@ def cmd_copy(argv: list[str]) -> int:
     return int(copy_cli.main(argv))
 
 
+def _copy_source(args: argparse.Namespace) -> str:
+    """`--from-snapshot ID`, `--from-volume ID` or the older `--source KIND:ID`."""
+    given = [s for s in (f"snapshot:{args.from_snapshot}" if args.from_snapshot else "",
+                         f"volume:{args.from_volume}" if args.from_volume else "", args.source) if s]
+    if len(given) > 1:
+        raise errors.InvalidRequest("give one of --from-snapshot, --from-volume, --source")
+    source = given[0] if given else ""
+    kind, _, ident = source.partition(":")
+    if source and (kind not in ("snapshot", "volume") or not ident):
+        raise errors.InvalidRequest(f"--source must be snapshot:ID or volume:ID, not {source!r}")
+    return source
+
+
+def _source_size(cl: Any, source: str) -> int:
+    """The size of a copy's source (a clone or restore is that big unless --size says more)."""
+    from csi_virtvol.csi import client as C
+
+    kind, _, ident = source.partition(":")
+    if kind == "volume":
+        got = cl.call(cl.controller.ControllerGetVolume, C.pb_.ControllerGetVolumeRequest(volume_id=ident))
+        return int(got.get("volume", {}).get("capacity_bytes", 0))
+    if kind == "snapshot":
+        got = cl.call(cl.controller.ListSnapshots, C.pb_.ListSnapshotsRequest(snapshot_id=ident))
+        entries = got.get("entries", [])
+        if not entries:
+            raise errors.NotFound(f"snapshot {ident} does not exist")
+        return int(entries[0].get("snapshot", {}).get("size_bytes", 0))
+    return 0
+
+
+def _stopped_watching(what: str, source: str) -> int:
+    print(f"\nstopped watching {what}; the driver goes on copying "
+          f"(csi-virtvol pair list --source {source})", file=sys.stderr)
+    return 130
+
+
 def cmd_volume(args: argparse.Namespace) -> int:
+    from csi_virtvol import console
     from csi_virtvol.csi import client as C
 
     pb = C.pb_
     cl = C.Client(args.endpoint)
+    out: Mapping[str, Any]
     try:
         if args.action == "create":
-            out = cl.call(cl.controller.CreateVolume, C.create_volume(
-                args.name, parse_size(args.size), parameters=_kv(args.param), block=args.block,
-                fs_type=args.fs_type, source=args.source))
+            source = _copy_source(args)
+            size = parse_size(args.size) if args.size else _source_size(cl, source) or 1 << 30
+            req = C.create_volume(args.name, size, parameters=_kv(args.param), block=args.block,
+                                  fs_type=args.fs_type, source=source)
+            if not source:
+                out = cl.call(cl.controller.CreateVolume, req)
+            else:
+                from csi_virtvol.services.volumes import volume_id_for
+                try:
+                    out = console.create_volume(cl, req, target_id=volume_id_for(args.name), wait=not args.no_wait,
+                                                stream=_progress_stream(), timeout=args.timeout)
+                except KeyboardInterrupt:
+                    return _stopped_watching(f"volume {args.name}", source.partition(":")[2])
+                except C.CallFailed as e:
+                    if e.code != "ABORTED" or not args.no_wait:
+                        raise
+                    out = {"pending": e.details}
         elif args.action == "list":
             out = cl.call(cl.controller.ListVolumes, pb.ListVolumesRequest(max_entries=args.max_entries))
         elif args.action == "get":
             out = cl.call(cl.controller.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=args.id))
+        elif args.action == "map":
+            out = cl.call(cl.mapping.GetMapping, C.vpb_.GetMappingRequest(volume_id=args.id))
+            if not args.json:
+                print(f"{out.get('kind', '?')} {out.get('volume_id')} ({console.mib(console.num(out, 'size'))}, "
+                      f"{out.get('state', '?')}):")
+                print(console.mapping_table(out))
+                return 0
         elif args.action == "expand":
             out = cl.call(cl.controller.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
                 volume_id=args.id, capacity_range=pb.CapacityRange(required_bytes=parse_size(args.size))))
         elif args.action == "delete":
             out = cl.call(cl.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=args.id))
+        elif args.action == "modify":
+            out = cl.call(cl.controller.ControllerModifyVolume, pb.ControllerModifyVolumeRequest(
+                volume_id=args.id, mutable_parameters=_kv(args.param)))
         elif args.action == "publish":
             out = cl.call(cl.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
                 volume_id=args.id, node_id=args.node, volume_capability=C.capability(block=args.block),
@@ -80,7 +137,49 @@ def cmd_volume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_stream() -> Any:
+    """A bar on stdout when it is a terminal; else plain lines on stderr, so that stdout
+    stays the JSON answer a script reads."""
+    return sys.stdout if sys.stdout.isatty() else sys.stderr
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from csi_virtvol import console
+    from csi_virtvol.csi import client as C
+
+    pb = C.pb_
+    cl = C.Client(args.endpoint)
+    try:
+        if args.action == "create":
+            try:
+                out = console.create_snapshot(cl, name=args.name, volume_id=args.volume, parameters=_kv(args.param),
+                                              wait=not args.no_wait, stream=_progress_stream(),
+                                              timeout=args.timeout)
+            except KeyboardInterrupt:
+                return _stopped_watching(f"snapshot {args.name}", args.volume)
+        elif args.action == "list":
+            entries: list[Any] = []
+            token = ""
+            while True:
+                page = cl.call(cl.controller.ListSnapshots, pb.ListSnapshotsRequest(
+                    source_volume_id=args.volume, snapshot_id=args.id, starting_token=token, max_entries=100))
+                entries += page.get("entries", [])
+                token = page.get("next_token", "")
+                if not token:
+                    break
+            out = {"entries": entries}
+        elif args.action == "delete":
+            out = cl.call(cl.controller.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=args.id))
+        else:
+            raise errors.InvalidRequest(f"unknown action {args.action}")
+    finally:
+        cl.close()
+    print(C.dumps(out))
+    return 0
+
+
 def cmd_pair(args: argparse.Namespace) -> int:
+    from csi_virtvol import console
     from csi_virtvol.csi import client as C
 
     vpb = C.vpb_
@@ -88,6 +187,11 @@ def cmd_pair(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             out = cl.call(cl.pairs.ListPairs, vpb.ListPairsRequest(source=args.source))
+            if args.table:
+                for pair in out.get("pairs", []):
+                    print(console.pair_summary(pair))
+                    print(console.plan_table(pair))
+                return 0
         else:
             out = cl.call(cl.pairs.ResyncPair, vpb.ResyncPairRequest(target=args.target))
     finally:
@@ -123,122 +227,23 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Serve on a temporary data dir and walk one volume through its life."""
-    from csi_virtvol import app
-    from csi_virtvol.csi import client as C
+    """Two arrays of different abilities, one volume over both, a snapshot while a writer
+    runs, a restore and a clone checked byte for byte; then everything taken down."""
+    from csi_virtvol import demo
 
-    pb = C.pb_
-    data = args.data_dir or tempfile.mkdtemp(prefix="virtvol-demo-")
-    endpoint = f"unix://{data}/csi.sock"
-    config = load_config(endpoint=endpoint, data_dir=data, node_id=args.node_id, mode="all")
-    stop = threading.Event()
-    server = threading.Thread(target=app.serve, args=(config,), kwargs={"stop": stop}, daemon=True)
-    server.start()
-    cl = C.Client(endpoint)
+    return demo.main(args)
 
-    def step(text: str) -> None:
-        print(f"\n== {text}", flush=True)
 
-    # Whatever happens (an error, Ctrl-C, SIGTERM), the demo takes down what it set up:
-    # mounts and loop devices outlive the process otherwise.
-    undo = contextlib.ExitStack()
-
-    def quietly(fn: Any, req: Any) -> None:
-        try:
-            cl.call(fn, req)
-        except Exception as e:  # noqa: BLE001 - best effort, already failing
-            print(f"(cleanup: {e})", file=sys.stderr)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        cl.wait_ready()
-        step("plugin")
-        print(C.dumps(cl.call(cl.identity.GetPluginInfo, pb.GetPluginInfoRequest())))
-        step("create a 96 MiB volume spread over both pools (layout concat, maxExtentSize 48Mi)")
-        vol = cl.call(cl.controller.CreateVolume, C.create_volume(
-            "demo-volume", 96 << 20, parameters={"layout": "concat", "maxExtentSize": "48Mi"}, fs_type="ext4"))
-        print(C.dumps(vol))
-        vid = vol["volume"]["volume_id"]
-        undo.callback(quietly, cl.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
-        undo.callback(quietly, cl.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(
-            volume_id=vid, node_id=args.node_id))
-        step("publish to this node")
-        ctx = cl.call(cl.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
-            volume_id=vid, node_id=args.node_id, volume_capability=C.capability(fs_type="ext4")))
-        if os.geteuid() == 0:
-            staging, target = f"{data}/staging", f"{data}/target"
-            os.makedirs(staging, exist_ok=True)
-            undo.callback(quietly, cl.node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(
-                volume_id=vid, staging_target_path=staging))
-            undo.callback(quietly, cl.node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(
-                volume_id=vid, target_path=target))
-            step("stage (assemble one block device, mkfs ext4, mount) and publish")
-            cap = C.capability(fs_type="ext4")
-            cl.call(cl.node.NodeStageVolume, pb.NodeStageVolumeRequest(
-                volume_id=vid, staging_target_path=staging, volume_capability=cap,
-                publish_context=ctx.get("publish_context", {})))
-            cl.call(cl.node.NodePublishVolume, pb.NodePublishVolumeRequest(
-                volume_id=vid, staging_target_path=staging, target_path=target, volume_capability=cap))
-            payload = os.urandom(64 << 20)
-            with open(f"{target}/data.bin", "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            with open(f"{target}/data.bin", "rb") as rh:
-                same = rh.read() == payload
-            print(f"wrote 64 MiB across the extent boundary; read back identical: {same}")
-            step("expand online to 160 MiB")
-            cl.call(cl.controller.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
-                volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=160 << 20)))
-            online = True
-            try:
-                cl.call(cl.node.NodeExpandVolume, pb.NodeExpandVolumeRequest(
-                    volume_id=vid, volume_path=target, staging_target_path=staging,
-                    capacity_range=pb.CapacityRange(required_bytes=160 << 20)))
-            except errors.BackendError as e:  # e.g. a sandbox without CAP_SYS_RESOURCE
-                online = False
-                print(f"the node could not grow ext4 while mounted: {e}")
-            step("unpublish and unstage")
-            cl.call(cl.node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
-            cl.call(cl.node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging))
-            step("stage again" + ("" if online else ": the filesystem is grown offline before it is mounted"))
-            cl.call(cl.node.NodeStageVolume, pb.NodeStageVolumeRequest(
-                volume_id=vid, staging_target_path=staging, volume_capability=cap,
-                publish_context=ctx.get("publish_context", {})))
-            st = os.statvfs(staging)
-            print(f"filesystem size now {st.f_blocks * st.f_frsize >> 20} MiB (volume 160 MiB)")
-            with open(f"{staging}/data.bin", "rb") as rh:
-                print(f"data still identical: {rh.read() == payload}")
-            cl.call(cl.node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging))
-        else:
-            print("(not root: skipping the node steps, which need loop devices and mounts)")
-        cl.call(cl.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(
-            volume_id=vid, node_id=args.node_id))
-        step("volume as the controller sees it")
-        print(C.dumps(cl.call(cl.controller.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=vid))))
-        step("delete")
-        cl.call(cl.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
-        left = [f for d in ("pool-a", "pool-b") for f in os.listdir(f"{data}/arrays/{d}/luns")
-                if not f.startswith(".")] if os.path.isdir(f"{data}/arrays/pool-a/luns") else []
-        print(f"LUN files left behind: {len(left)}")
-        print("\ndemo finished: OK")
-        undo.pop_all()
-        return 0
-    finally:
-        with contextlib.suppress(KeyboardInterrupt):
-            undo.close()
-        cl.close()
-        stop.set()
-        server.join(timeout=15)
-        time.sleep(0.1)
+def _wait_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-wait", action="store_true", help="answer at once, while the copy may still run")
+    p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="stop waiting for the copy after this long (0: no limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csi-virtvol", description=__doc__)
-    p.add_argument("--log-level", default=os.environ.get("VIRTVOL_LOG_LEVEL", "info"))
+    p.add_argument("--log-level", default=os.environ.get("VIRTVOL_LOG_LEVEL", ""),
+                   help="default info (warning for the demo, whose own lines say what happens)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the CSI plugin")
@@ -250,9 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default="", choices=["", "sqlite", "crd"])
     s.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="serve on a temporary dir and walk a volume through its life")
-    d.add_argument("--data-dir", default="")
+    d = sub.add_parser("demo", help="two arrays of different abilities, one volume over both, a snapshot "
+                                     "while a writer runs, a restore and a clone checked byte for byte")
     d.add_argument("--node-id", default="demo-node")
+    d.add_argument("--copy-bandwidth", default="16Mi", metavar="SIZE",
+                   help="the volume's copyBandwidth, so that its host copies can be watched (0: full speed)")
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("volume", help="CSI client: volumes")
@@ -260,15 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     vs = v.add_subparsers(dest="action", required=True)
     c = vs.add_parser("create")
     c.add_argument("name")
-    c.add_argument("--size", default="1Gi")
+    c.add_argument("--size", default="", help="default: the source's size, else 1Gi")
     c.add_argument("--param", action="append", default=[], help="key=value (StorageClass parameter)")
     c.add_argument("--block", action="store_true")
     c.add_argument("--fs-type", default="")
-    c.add_argument("--source", default="", help="snapshot:ID or volume:ID")
+    c.add_argument("--from-snapshot", default="", metavar="ID", help="restore this snapshot into the new volume")
+    c.add_argument("--from-volume", default="", metavar="ID", help="clone this volume")
+    c.add_argument("--source", default="", help="snapshot:ID or volume:ID (same as --from-*)")
+    _wait_flags(c)
     ls = vs.add_parser("list")
     ls.add_argument("--max-entries", type=int, default=0)
     for name in ("get", "delete"):
         vs.add_parser(name).add_argument("id")
+    mo = vs.add_parser("modify", help="ControllerModifyVolume: maxExtentSize, arrays, copyBandwidth")
+    mo.add_argument("id")
+    mo.add_argument("--param", action="append", default=[], help="key=value (mutable parameter)")
+    mp = vs.add_parser("map", help="the volume's (or snapshot's) extents: array, LUN, offset, length")
+    mp.add_argument("id")
+    mp.add_argument("--json", action="store_true")
     e = vs.add_parser("expand")
     e.add_argument("id")
     e.add_argument("--size", required=True)
@@ -288,10 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("action", choices=["probe", "info", "capabilities"])
     ident.set_defaults(func=cmd_identity)
 
+    sn = sub.add_parser("snapshot", help="CSI client: snapshots (CreateSnapshot, ListSnapshots, DeleteSnapshot)")
+    sn.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///run/csi-virtvol/csi.sock"))
+    ss = sn.add_subparsers(dest="action", required=True)
+    sc = ss.add_parser("create", help="snapshot a volume; shows the copy's progress until it is ready")
+    sc.add_argument("name")
+    sc.add_argument("--volume", required=True, metavar="ID", help="the source volume")
+    sc.add_argument("--param", action="append", default=[], help="key=value (VolumeSnapshotClass parameter)")
+    _wait_flags(sc)
+    sl = ss.add_parser("list")
+    sl.add_argument("--volume", default="", metavar="ID", help="only snapshots of this volume")
+    sl.add_argument("--id", default="", help="only this snapshot")
+    ss.add_parser("delete").add_argument("id")
+    sn.set_defaults(func=cmd_snapshot)
+
     pr = sub.add_parser("pair", help="the pair table: list pairs, resync a split one")
     pr.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///run/csi-virtvol/csi.sock"))
     ps = pr.add_subparsers(dest="action", required=True)
-    ps.add_parser("list").add_argument("--source", default="")
+    pl = ps.add_parser("list")
+    pl.add_argument("--source", default="")
+    pl.add_argument("--table", action="store_true", help="each pair's per-extent plan as a table")
     ps.add_parser("resync").add_argument("target")
     pr.set_defaults(func=cmd_pair)
 
@@ -305,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(os.environ.get("VIRTVOL_LOG_LEVEL", "info"))
         return cmd_copy(argv[1:])
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level or ("warning" if args.command == "demo" else "info"))
     try:
         return int(args.func(args))
     except errors.VirtvolError as e:

@@ -25,6 +25,15 @@ def target(endpoint: str) -> str:
     return endpoint.removeprefix("tcp://")
 
 
+class CallFailed(errors.BackendError):
+    """An RPC the driver answered with an error; `code` is the gRPC status name."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
 class Client:
     def __init__(self, endpoint: str, *, timeout: float = 120.0) -> None:
         self._channel = grpc.insecure_channel(target(endpoint))
@@ -32,6 +41,7 @@ class Client:
         self.controller = rpc.ControllerStub(self._channel)
         self.node = rpc.NodeStub(self._channel)
         self.pairs = vrpc.PairsStub(self._channel)
+        self.mapping = vrpc.MappingStub(self._channel)
         self.snapshot_metadata = rpc.SnapshotMetadataStub(self._channel)
         self.timeout = timeout
 
@@ -42,7 +52,7 @@ class Client:
         try:
             response = method(request, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise errors.BackendError(f"{e.code().name}: {e.details()}") from e
+            raise CallFailed(e.code().name, e.details() or "") from e
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     def wait_ready(self, timeout: float = 30.0) -> None:

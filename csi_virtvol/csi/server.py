@@ -39,6 +39,7 @@ def build_server(*, endpoint: str, identity: rpc.IdentityServicer, controller: r
                  node: rpc.NodeServicer | None, pairs: vrpc.PairsServicer | None = None,
                  snapshot_metadata: rpc.SnapshotMetadataServicer | None = None,
                  group_controller: rpc.GroupControllerServicer | None = None,
+                 mapping: vrpc.MappingServicer | None = None,
                  workers: int = 16) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi"),
                          interceptors=[ErrorInterceptor()])
@@ -51,6 +52,8 @@ def build_server(*, endpoint: str, identity: rpc.IdentityServicer, controller: r
         rpc.add_NodeServicer_to_server(node, server)
     if pairs is not None:
         vrpc.add_PairsServicer_to_server(pairs, server)
+    if mapping is not None:
+        vrpc.add_MappingServicer_to_server(mapping, server)
     if snapshot_metadata is not None:
         rpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, server)
     address = listen_address(endpoint)

@@ -761,6 +761,16 @@ class SnapshotService:
         recs = self._store.find(S.PAIRS, index="source", value=source) if source else self._store.list(S.PAIRS)
         return [r.value for r in recs]
 
+    def target_luns(self, pair: Pair) -> dict[int, str]:
+        """Row index -> the "array:lun" its piece is written to, from the two volumes'
+        extents (as the copy computes them); empty once either volume is gone."""
+        source = self._store.get(S.VOLUMES, pair.source)
+        target = self._store.get(S.VOLUMES, pair.targets[0].volume)
+        if source is None or target is None:
+            return {}
+        return {s.index: f"{s.target_extent.array}:{s.target_extent.lun}"
+                for s in self._steps(source.value, target.value)}
+
     def resync(self, target_id: str) -> Pair:
         """Bring a split copy up to the source's present content, writing only what
         changed: clones are made again (constant time); host-copied extents are

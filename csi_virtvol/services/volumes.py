@@ -78,6 +78,15 @@ class Capacity:
     maximum_volume_size: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappedExtent:
+    """One row of the mapping (seed table 130), with what an operator wants to know of its LUN."""
+
+    extent: Extent
+    address: str                  # the LUN's address ("" when the array does not report it)
+    abilities: tuple[str, ...]    # the array's effective abilities
+
+
 class VolumeService:
     def __init__(self, *, config: Config, store: StateStore, arrays: ArrayPool, locks: KeyedLocks) -> None:
         self._config = config
@@ -138,6 +147,23 @@ class VolumeService:
         except ValueError:
             return False
         return token.startswith(prefix)
+
+    def mapping(self, volume_id: str) -> tuple[VirtualVolume, tuple[MappedExtent, ...]]:
+        """A volume's or snapshot's extents in order, each with its LUN's address and its
+        array's abilities (the admin Mapping API: CSI has no call for it)."""
+        if not volume_id:
+            raise errors.InvalidRequest("volume_id is required")
+        rec = self._store.get(S.VOLUMES, volume_id)
+        if rec is None or rec.value.state is VolumeState.DELETING:
+            raise errors.NotFound(f"no volume or snapshot {volume_id}")
+        out = []
+        for e in rec.value.extents:
+            lun = self._store.get(S.LUNS, f"{e.array}:{e.lun}")
+            known = e.array in self._arrays.ids()  # not an array no longer configured
+            abilities = tuple(self._arrays.info(e.array, fresh=False).abilities.names()) if known else ()
+            out.append(MappedExtent(extent=e, address=lun.value.address if lun is not None else "",
+                                    abilities=abilities))
+        return rec.value, tuple(out)
 
     def condition(self, volume: VirtualVolume) -> Condition:
         """Derived from the LUN states and the arrays' view of each LUN."""
