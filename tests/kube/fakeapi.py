@@ -40,7 +40,9 @@ with kubernetes-validate's schemas when it is installed.
 Tests drive what controllers would do (a Job's status, a Pod's log) through
 the hooks at the bottom of `FakeApiServer`: also injected faults (`inject_fault`: a 5xx or 429
 answer, or a connection closed unanswered, e.g. on pods/log), a Job retried under the same name
-(`recreate_job`: a new uid, the old pods left), and pods/log's tailLines/limitBytes.
+(`recreate_job`: a new uid, the old pods left), open watches ended at once (`end_watches`: what an
+API server restart or a proxy's timeout does; clients watch or list again), and pods/log's
+tailLines/limitBytes.
 the hooks at the bottom of `FakeApiServer`.  `inject_conflicts(rate)` plays
 another writer racing the client: before a PUT or a DELETE of a custom
 resource, with probability `rate`, the object is first changed by someone else
@@ -465,6 +467,7 @@ class FakeApiServer:
         self._validate_builtins = validate_builtins
         self._conflict_rate = 0.0
         self._conflict_rng: Any = None
+        self._watch_epoch = 0                       # end_watches() ends the watches of earlier epochs
         self.injected = 0                           # conflicts caused by inject_conflicts
         if crd_dir is not None:
             for path in sorted(Path(crd_dir).glob("*.yaml")):
@@ -868,6 +871,7 @@ class FakeApiServer:
             return _match(o, labels, fields)
 
         with self._lock:
+            epoch = self._watch_epoch
             pending: list[Obj] = []
             if resource_version in ("", "0"):
                 cursor = self._rv
@@ -888,13 +892,13 @@ class FakeApiServer:
                     # the history is in rv order: find the first newer event by bisection (a
                     # scan of the whole history per wake-up made every write O(history))
                     new = self._history[bisect.bisect_right(self._history, cursor, key=lambda e: e.rv):]
-                    if new or self._stopping:
+                    if new or self._stopping or self._watch_epoch != epoch:
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
                     self._lock.wait(left)
-                if self._stopping:
+                if self._stopping or self._watch_epoch != epoch:
                     return
                 cursor = new[-1].rv
                 out = []
@@ -1016,6 +1020,13 @@ class FakeApiServer:
                     f.left -= 1
                     return f
         return None
+
+    def end_watches(self) -> None:
+        """End every open watch now (the stream closes cleanly), as an API server restart or a
+        proxy's idle timeout does: a client must watch again, or list, to go on."""
+        with self._lock:
+            self._watch_epoch += 1
+            self._lock.notify_all()
 
     def recreate_job(self, name: str, namespace: str) -> Obj:
         """What a retry of a Job under the same name looks like: the Job is deleted and made again
