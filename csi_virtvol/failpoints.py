@@ -5,6 +5,11 @@ reaches one of those points, exactly as a power cut or OOM kill would stop it
 there.  `name=error` instead raises a BackendError there, as a failing array or
 host tool would, so the caller's undo path runs.  Unset (always, in production)
 each call is one dict look-up.
+
+It sits below every layer (it needs only `errors`), so that the copy a copy pod
+runs (copy/) has failure points as well as the controller's services: the
+crash and retry matrix (tests/kube/test_copy_matrix.py) kills or fails a copy
+pod at a step the same way it kills the controller.
 """
 from __future__ import annotations
 

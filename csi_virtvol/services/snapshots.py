@@ -593,7 +593,9 @@ class SnapshotService:
         copy = attempt()
         attempts = 0
         self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
+        failpoints.hit("copy-host-starting")
         self._runner.start(copy)
+        failpoints.hit("copy-host-started")
         last = -1
         while not stop.wait(POLL):
             cut.check(self._store, vid)
@@ -604,11 +606,13 @@ class SnapshotService:
                 if st.bytes_done:
                     failpoints.hit("copy-checkpointed")
             if st.done or st.mismatch:
+                failpoints.hit("copy-host-ended")
                 verdict = verify.judge(st, length=step.length, checkpoint_id=copy.checkpoint_id)
                 if verdict.ok:
                     failpoints.hit("copy-verified")
                     self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total,
                                   written=st.bytes_written, verified=(verdict.method, verdict.result))
+                    failpoints.hit("copy-host-done")
                     self._runner.finished(job)
                     return
                 self._set_row(vid, row.index, state=ExtentCopyState.COPYING, done=0,
