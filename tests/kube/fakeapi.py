@@ -40,7 +40,8 @@ with kubernetes-validate's schemas when it is installed.
 Tests drive what controllers would do (a Job's status, a Pod's log) through
 the hooks at the bottom of `FakeApiServer`: also injected faults (`inject_fault`: a 5xx or 429
 answer, or a connection closed unanswered, e.g. on pods/log), a Job retried under the same name
-(`recreate_job`: a new uid, the old pods left), open watches ended at once (`end_watches`: what an
+(`recreate_job`: a new uid, the old pods left), writes whose answer is lost (`inject_fault(lost=True)`),
+open watches ended at once (`end_watches`: what an
 API server restart or a proxy's timeout does; clients watch or list again), and pods/log's
 tailLines/limitBytes.
 the hooks at the bottom of `FakeApiServer`.  `inject_conflicts(rate)` plays
@@ -996,12 +997,15 @@ class FakeApiServer:
     # -- injected faults and controller behaviour (issue 12) ---------------
 
     def inject_fault(self, method: str, path: str, *, code: int = 500, times: int = 1,
-                     drop: bool = False, message: str = "") -> None:
+                     drop: bool = False, lost: bool = False, message: str = "") -> None:
         """The next `times` requests of `method` whose path matches the regular expression `path`
         fail: with status `code` (a kubelet's 500 on pods/log, a 503 or 429 of an overloaded server),
-        or with `drop`, by closing the connection unanswered (connection refused/reset)."""
+        or with `drop`, by closing the connection unanswered (connection refused/reset), or with
+        `lost`, by carrying the request out and then closing the connection before the answer (a
+        timeout after the server acted: a client cannot tell whether its write happened)."""
         with self._lock:
             self._faults.append(_Fault(method=method, path=re.compile(path), code=code, left=times, drop=drop,
+                                       lost=lost,
                                        message=message or f"injected {code}: dial tcp 10.0.0.1:10250: "
                                                           "connect: connection refused"))
 
@@ -1049,6 +1053,7 @@ class _Fault:
     left: int
     drop: bool
     message: str
+    lost: bool = False
 
 
 def _tail(text: str, q: Mapping[str, str]) -> str:
@@ -1102,6 +1107,11 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
             pass
 
         def _send_json(self, code: int, obj: Any, warnings: list[str] | None = None) -> None:
+            if getattr(self, "_lose_answer", False):  # inject_fault(lost=True): done, but never answered
+                self._lose_answer = False
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             data = json.dumps(obj).encode()
             if warnings:
                 with api._lock:
@@ -1130,6 +1140,9 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
             with api._lock:
                 api.requests.append((method, url.path))
             fault = api._take_fault(method, url.path)
+            if fault is not None and fault.lost:
+                self._lose_answer = True
+                fault = None
             if fault is not None and fault.drop:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)

@@ -76,3 +76,19 @@ def test_end_watches_closes_open_watches(fake_api: FakeApiServer, client: Any) -
     for ev in again.stream(core.list_namespaced_pod, NS, timeout_seconds=5):
         assert ev["object"].metadata.name == "before"
         again.stop()
+
+
+def test_a_lost_answer_happened_all_the_same(fake_api: FakeApiServer, client: Any) -> None:
+    """inject_fault(lost=True): the server carries the write out, the client gets no answer."""
+    batch = k8s.BatchV1Api(client)
+    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": NS},
+            "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "copy", "image": "i"}]}}}}
+    fake_api.inject_fault("POST", r"/jobs$", lost=True, times=10)  # more than urllib3's own retries
+    with pytest.raises((urllib3.exceptions.HTTPError, OSError)):
+        batch.create_namespaced_job(NS, body, _request_timeout=5)
+    assert fake_api.find("batch", "jobs", "j", NS) is not None, "the write happened"
+    fake_api.clear_faults()
+    with pytest.raises(k8s.ApiException) as e:
+        batch.create_namespaced_job(NS, body)
+    assert e.value.status == 409
