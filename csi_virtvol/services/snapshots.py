@@ -736,16 +736,16 @@ class SnapshotService:
                               message=f"{vid} is a complete point-in-time copy of {pair.source}")
 
     def _fail(self, vid: str, reason: str) -> None:
-        try:
-            pair = self._update_pair(vid, lambda p: p)
-        except errors.NotFound:
-            return
-        self._release(pair)
-
         def failed(p: Pair) -> Pair:
             t = dataclasses.replace(p.targets[0], state=PairState.FAILED, reason=reason, ended_at=time.time())
             return dataclasses.replace(p, targets=(t,))
-        self._update_pair(vid, failed)
+        # failed first, then the source let go: stopped in between, a pair still in flight would be
+        # resumed over a source that may be written meanwhile; a failed one is only ever undone
+        try:
+            pair = self._update_pair(vid, failed)
+        except errors.NotFound:
+            return
+        self._release(pair)
         rec = self._store.get(S.VOLUMES, vid)
         if rec is not None:
             self._events.emit(parameters=rec.value.parameters, reason="CopyFailed",
