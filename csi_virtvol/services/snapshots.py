@@ -553,6 +553,8 @@ class SnapshotService:
         steps = {s.index: s for s in self._steps(source, target)}
         for row in pair.targets[0].extents:
             if row.state is ExtentCopyState.DONE:
+                if row.method is CopyMethod.HOST:  # a controller stopped between done and its tidy-up
+                    self._runner.finished(f"{vid}-{row.index}")
                 continue
             if stop.is_set():
                 return
