@@ -336,26 +336,70 @@ def test_a_host_copy_survives(fault: str, step: str, matrix: Matrix) -> None:
 
 
 def test_a_retried_snapshot_never_resumes_the_discarded_attempts_checkpoint(matrix: Matrix) -> None:
-    """Issue 12 item 1, as it happened: a copy attempt fails and is discarded, CreateSnapshot is
-    called again, and the new attempt's Job has the same name, so the same checkpoint file on the
-    node; the target is made afresh.  A checkpoint belongs to one target and one cut: the new copy
-    starts from 0 and is right the first time (not resumed, caught by verification, copied again)."""
+    """Issue 12 item 1: an attempt at a snapshot is discarded in the middle of its copy (here: the
+    VolumeSnapshot is deleted), and the snapshot is asked for again under the same name.  The new
+    attempt's Job has the same name, so the same checkpoint file on the node, and its target is
+    made afresh.  A checkpoint belongs to one target and one cut: the new copy starts from 0 and is
+    right the first time (not resumed into zeros, caught by verification and copied again)."""
     import json
 
     api, ctl = matrix.api, matrix.controller
-    matrix.configure(backoffLimit=0)  # the first pod's failure fails its Job, and so the attempt
-    stale: list[dict[str, Any]] = []
-
-    def on_exit(run: PodRun) -> None:
-        if run.attempt == 0 and run.code == 137:  # the first attempt's pod, killed after a checkpoint
-            stale.extend(json.loads(p.read_text()) for p in matrix.ckpt_dir.glob("*.json"))
-
-    with JobCluster(api, NS, pod_env={"VIRTVOL_FAILPOINTS": "copier-checkpointed"}, on_exit=on_exit) as cluster:
+    with JobCluster(api, NS) as cluster:
         ctl.start()
         assert ctl.stub is not None
         vid, at_cut = matrix.source(ctl, slow=True)
         req = matrix.snapshot_request(vid)
-        failures: list[str] = []
+        first = ctl.stub.CreateSnapshot(req, timeout=30).snapshot
+        assert not first.ready_to_use
+
+        def checkpointed() -> list[dict[str, Any]]:
+            found = [json.loads(p.read_text()) for p in matrix.ckpt_dir.glob("*.json")]
+            return [c for c in found if 0 < c["bytes_done"] < c["length"]]
+        stale = wait_for(checkpointed, timeout=60, what="a checkpoint in the middle of the copy")
+        ctl.stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=first.snapshot_id))
+        wait_for(lambda: cluster.idle() and api.objects("", "pods", NS) == [], timeout=15,
+                 what="the discarded copy's pod to go")
+        left = [json.loads(p.read_text()) for p in matrix.ckpt_dir.glob("*.json")]
+        assert [c["checkpoint_id"] for c in left] == [stale[0]["checkpoint_id"]], \
+            "the discarded attempt left its checkpoint behind (as a killed pod does)"
+
+        deadline = time.monotonic() + 120
+        snap = None
+        while snap is None and time.monotonic() < deadline:
+            got = ctl.stub.CreateSnapshot(req, timeout=30).snapshot
+            snap = got if got.ready_to_use else None
+            time.sleep(0.3)
+        assert snap is not None and snap.snapshot_id == first.snapshot_id, f"not ready\n{ctl.tail()}"
+        assert hashlib.sha256(matrix.image(snap.snapshot_id)).hexdigest() == at_cut, \
+            "the snapshot does not hold the source's bytes at the cut"
+        assert cluster.incarnations() == 2, "the new attempt's copy was not right the first time"
+        old, new = cluster.runs
+        assert old.job_uid != new.job_uid and new.code == 0
+        result = json.loads(new.result)
+        assert result["event"] == "done" and result["resumed_from"] == 0, result
+        assert result["checkpoint_id"] != stale[0]["checkpoint_id"], "the new attempt has the old identity"
+        vp = matrix.objects("volumepairs")[0]
+        assert [(e["verifyMethod"], e["verifyResult"]) for e in vp["status"]["targets"][0]["extents"]] == \
+            [("blake2b-256", "match")]
+        matrix.delete_all(ctl, cluster, snapshot_id=snap.snapshot_id, volume_id=vid)
+
+
+def test_a_failed_job_is_made_again_and_resumes_from_its_checkpoint(matrix: Matrix) -> None:
+    """With no pod retries left (backoffLimit 0 here), the copy's Job fails; the controller's copy
+    loop restarts the copy "from its checkpoint" (services/snapshots.py): a new Job of the same
+    attempt, whose pod resumes where the killed one stopped.  It used to take the failed Job as
+    its own, so every restart was a no-op and the snapshot failed and was copied again from 0."""
+    import json
+
+    api, ctl = matrix.api, matrix.controller
+    matrix.configure(backoffLimit=0)
+    with JobCluster(api, NS, pod_env={"VIRTVOL_FAILPOINTS": "copier-checkpointed"}) as cluster:
+        ctl.start()
+        assert ctl.stub is not None
+        vid, at_cut = matrix.source(ctl, slow=True)
+        req = matrix.snapshot_request(vid)
+        surfaced: list[str] = []
+        first_pair: dict[str, str] = {}
         deadline = time.monotonic() + 120
         snap = None
         while snap is None and time.monotonic() < deadline:
@@ -363,22 +407,21 @@ def test_a_retried_snapshot_never_resumes_the_discarded_attempts_checkpoint(matr
                 got = ctl.stub.CreateSnapshot(req, timeout=30).snapshot
                 snap = got if got.ready_to_use else None
             except grpc.RpcError as e:
-                failures.append(f"{e.code().name}: {e.details()}")
+                surfaced.append(f"{e.code().name}: {e.details()}")
+            for o in matrix.objects("volumepairs"):
+                first_pair.setdefault(o["metadata"]["name"], o["metadata"]["uid"])
             time.sleep(0.3)
         assert snap is not None, f"the snapshot never became ready\n{ctl.tail()}"
-        assert hashlib.sha256(matrix.image(snap.snapshot_id)).hexdigest() == at_cut, \
-            "the snapshot does not hold the source's bytes at the cut"
-        assert failures, "the first attempt did not fail"
-        assert len(stale) == 1 and 0 < stale[0]["bytes_done"] < stale[0]["length"], \
-            "the first attempt left no checkpoint behind"
-        assert cluster.incarnations() == 2
-        first, second = ([r for r in cluster.runs if r.job_uid == uid] for uid in cluster.jobs)
-        assert [r.code for r in first] == [137]
-        assert [r.code for r in second] == [0], "the new attempt's copy was not right the first time"
-        result = json.loads(second[0].result)
-        assert result["event"] == "done" and result["resumed_from"] == 0, result
-        assert result["checkpoint_id"] != stale[0]["checkpoint_id"], "the new attempt has the old identity"
+        assert hashlib.sha256(matrix.image(snap.snapshot_id)).hexdigest() == at_cut
+        assert surfaced == [], surfaced
         vp = matrix.objects("volumepairs")[0]
+        assert first_pair == {vp["metadata"]["name"]: vp["metadata"]["uid"]}, "the pair was discarded and made again"
         assert [(e["verifyMethod"], e["verifyResult"]) for e in vp["status"]["targets"][0]["extents"]] == \
             [("blake2b-256", "match")]
+        assert cluster.incarnations() == 2 and [r.code for r in cluster.runs] == [137, 0]
+        killed, resumed = cluster.runs
+        assert killed.job_uid != resumed.job_uid
+        result = json.loads(resumed.result)
+        assert result["event"] == "done" and result["resumed_from"] > 0, "not resumed from the checkpoint"
+        wait_for(lambda: api.objects("batch", "jobs", NS) == [], timeout=15, what="the copy's Job to go")
         matrix.delete_all(ctl, cluster, snapshot_id=snap.snapshot_id, volume_id=vid)

@@ -235,3 +235,26 @@ def test_a_finished_step_deletes_its_job(fake_api: FakeApiServer, client: Any) -
     job = _started(fake_api, runner)
     runner.finished(COPY.job)
     assert fake_api.find("batch", "jobs", job["metadata"]["name"], NS) is None
+
+
+def test_a_failed_job_is_started_again_not_adopted(fake_api: FakeApiServer, client: Any) -> None:
+    """The copy loop restarts a copy whose Job failed (its pods' retries spent) "from its
+    checkpoint": start() must make the Job again under the same attempt, so a new pod resumes from
+    the checkpoint on the node.  It took the failed Job as its own, so each restart was a no-op
+    and the pair failed (found by the copy matrix with backoffLimit 0)."""
+    runner = _runner(client)
+    copy = dataclasses.replace(COPY, checkpoint_id="vs-1234/b:l@1.0")
+    job = _started(fake_api, runner, copy)
+    name = job["metadata"]["name"]
+    fake_api.set_status("batch", "jobs", name, {"failed": 3, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "too many"}]}, NS)
+    st = until(lambda: next((s for s in [runner.poll(copy.job)] if not s.running), None))
+    assert st is not None and not st.done and "BackoffLimitExceeded" in st.message
+    runner.start(copy)
+    again = fake_api.find("batch", "jobs", name, NS)
+    assert again is not None and again["metadata"]["uid"] != job["metadata"]["uid"], "the failed Job was adopted"
+    assert again["metadata"]["annotations"]["virtvol.csi.example.org/checkpoint"] == copy.checkpoint_id
+    st = runner.poll(copy.job)
+    assert st.running and not st.done, f"the old incarnation's failure is still reported: {st}"
+    runner.start(copy)  # a running Job of the same attempt is ours
+    assert fake_api.find("batch", "jobs", name, NS)["metadata"]["uid"] == again["metadata"]["uid"]  # type: ignore[index]
