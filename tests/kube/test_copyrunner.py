@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -258,3 +259,30 @@ def test_a_failed_job_is_started_again_not_adopted(fake_api: FakeApiServer, clie
     assert st.running and not st.done, f"the old incarnation's failure is still reported: {st}"
     runner.start(copy)  # a running Job of the same attempt is ours
     assert fake_api.find("batch", "jobs", name, NS)["metadata"]["uid"] == again["metadata"]["uid"]  # type: ignore[index]
+
+
+def test_a_restarted_controller_waits_for_its_pod_cache_before_judging(fake_api: FakeApiServer, client: Any) -> None:
+    """A controller restarted after its copy's Job completed polls before its pods watch has
+    listed: a Complete Job without a known pod is no result yet (the copy is taken as running),
+    not a copy done without a result, which verification refuses and copies again from 0."""
+    first = _runner(client)
+    copy = dataclasses.replace(COPY, checkpoint_id="vs-1234/b:l@1.0")
+    job = _started(fake_api, first, copy)
+    pod = run_pod(fake_api, job)
+    end_pod(fake_api, pod, 0, {"event": "done", "length": 1 << 20, "bytes_written": 1 << 20,
+                               "checkpoint_id": copy.checkpoint_id, "verified": True, "verify": "blake2b-256"})
+    fake_api.set_status("batch", "jobs", job["metadata"]["name"], {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True"}]}, NS)
+    _OPEN.remove(first)
+    threading.Thread(target=first.close, daemon=True).start()  # the controller is gone
+    fake_api.end_watches()
+    fake_api.inject_fault("GET", r"/namespaces/csi-virtvol/pods$", code=503, times=1000)  # pods cannot be listed
+    fresh = _runner(client)
+    fresh.start(copy)  # the restarted copy loop takes its Job over
+    for _ in range(10):
+        st = fresh.poll(copy.job)
+        assert not st.done and st.running, st
+        time.sleep(0.05)
+    fake_api.clear_faults()
+    st = until(lambda: (s := fresh.poll(copy.job)).done and s, timeout=15)
+    assert st and st.result is not None and st.result["verified"] is True, st
