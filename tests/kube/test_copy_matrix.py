@@ -251,12 +251,9 @@ def test_a_host_copy_survives(fault: str, step: str, matrix: Matrix) -> None:
         pod_env["VIRTVOL_FAILPOINTS"] = COPIER_POINTS[step] + ("=error" if fault == "pod-failed" else "")
 
     with JobCluster(api, NS, pod_env=pod_env, hold=hold, on_output=on_output, on_exit=on_exit) as cluster:
-        ctl.start()
+        ctl.start(failpoint=CONTROLLER_POINTS[step] if fault == "controller" else "")  # none on CreateVolume's way
         vid, at_cut = matrix.source(ctl, slow=slow)
 
-        if fault == "controller":
-            ctl.kill()
-            ctl.start(failpoint=CONTROLLER_POINTS[step])
         if fault == "api-errors" and step == "before-job":
             _arm(api, "POST", f"{JOBS}$", (500, "drop", 429, 503))
         if fault == "api-errors" and step == "job-created":
