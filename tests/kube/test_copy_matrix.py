@@ -5,7 +5,7 @@ fake API server; a stand-in Job controller, kubelet and garbage collector (stand
 copy Job's pods on this host.  The source volume lives on an ext4 pool, so its snapshot is a host
 copy made by a copy Job, of random data with holes.
 
-Faults, each at a step (a failpoint, services/failpoints.py, in the controller or in the copy):
+Faults, each at a step (a failpoint, csi_virtvol/failpoints.py, in the controller or in the copy):
 
 * ``controller``: the controller process is SIGKILLed there, and started again;
 * ``pod-killed``: the copy pod's process is SIGKILLed there (exit 137); the Job makes a new pod;
