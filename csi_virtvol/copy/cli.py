@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any, TextIO
 
-from csi_virtvol import errors
+from csi_virtvol import errors, failpoints
 from csi_virtvol.copy import checkpoint, engine
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,8 @@ class _Reporter:
             write_progress_file(self.progress_file, {**self.ident, "bytes_done": done,
                                                      "bytes_total": self.total,
                                                      "time": time.time()})
+            if done < self.total:
+                failpoints.hit("copier-checkpointed")
         if not self.enabled:
             return
         dt = max(time.monotonic() - self.t0, 1e-6)
@@ -237,9 +239,11 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
+        failpoints.hit("copier-started")
         res = engine.copy_range(src=src.path, dst=dst.path, src_offset=src.offset,
                                 dst_offset=dst.offset, length=length, resume_from=resume,
                                 options=opts, on_progress=rep.checkpoint, cancel=cancel)
+        failpoints.hit("copier-verified" if res.verified else "copier-done")
     except engine.CopyCancelled as e:
         rep.finish({"event": "cancelled", "bytes_done": e.bytes_done, "bytes_total": length})
         return 128 + (got[0] if got else signal.SIGTERM)

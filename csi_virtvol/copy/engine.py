@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from csi_virtvol import errors
+from csi_virtvol import errors, failpoints
 from csi_virtvol.copy.sums import Sums
 
 logger = logging.getLogger(__name__)
@@ -779,6 +779,7 @@ def copy_range(
         if job.sums is not None and (resume_from == 0 or job.sums_trusted):
             job.sums.save(options.checksums)  # complete: it describes the whole target range
         direct_read, direct_write = s.direct_used, d.direct_used
+        failpoints.hit("copier-copied")  # written and durable, not yet verified
         verified_bytes = 0
         if options.verify:
             try:

@@ -137,6 +137,9 @@ class JobCopyRunner:
             if obj is None:
                 return JobStatus(running=False, done=False, bytes_done=0, message=f"job {name} is gone")
             jobs_cache.put(obj)
+        if not pods_cache.synced.is_set():  # its pods are not known yet (a restart): no result yet
+            return JobStatus(running=True, done=False, bytes_done=self._tail.get(job, (0.0, 0))[1],
+                             message="the copy pods are not listed yet")
         meta = obj.get("metadata") or {}
         want = self._want.get(job)
         if want is not None and str((meta.get("annotations") or {}).get(jobs.CHECKPOINT_ANNOTATION, "")) != want:

@@ -78,6 +78,7 @@ from csi_virtvol.model import codec
 from csi_virtvol.model.array import ArraySpec
 from csi_virtvol.model.capability import AccessMode
 from csi_virtvol.model.ids import ArrayId, NodeId, Revision
+from csi_virtvol.kube.retry import DELAYS, retrying
 from csi_virtvol.store.base import Change, Put, Remove, Table, Versioned, Write
 
 T = TypeVar("T")
@@ -568,10 +569,12 @@ def _iter_lines(resp: Any) -> Iterator[str]:
 class CrdStore:
     """A StateStore on the custom resources of `api_client`'s cluster."""
 
-    def __init__(self, api_client: k8s.ApiClient, *, request_timeout: float = 30.0, cache: bool = True) -> None:
+    def __init__(self, api_client: k8s.ApiClient, *, request_timeout: float = 30.0, cache: bool = True,
+                 retry_delays: Sequence[float] = DELAYS) -> None:
         self._client: Any = api_client
         self._api = k8s.CustomObjectsApi(api_client)
         self._timeout = request_timeout
+        self._delays = retry_delays  # 5xx, 429 and connection errors are retried (kube/retry.py)
         self._use_cache = cache
         self._informers: dict[str, _Informer] = {}
         self._inf_lock = threading.Lock()
@@ -613,16 +616,21 @@ class CrdStore:
         except KeyError:
             raise errors.InvalidRequest(f"the CRD store has no kind for table {table.name}") from None
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, failures: list[BaseException] | None = None,
+              **kw: Any) -> Any:
+        """One request, retried while the API server cannot answer (kube/retry.py); the transient
+        errors met go into `failures`."""
         try:
-            return fn(GROUP, VERSION, *args, _request_timeout=self._timeout, **kw)
+            return retrying(lambda: fn(GROUP, VERSION, *args, _request_timeout=self._timeout, **kw),
+                            what=what, delays=self._delays, failures=failures)
         except (k8s.ApiException, urllib3.exceptions.HTTPError, OSError) as e:
             raise wrap_api_error(e, what) from e
 
     def _read(self, kind: Kind, name: str) -> Obj | None:
         try:
-            return cast(Obj, self._api.get_cluster_custom_object(
-                GROUP, VERSION, kind.plural, name, _request_timeout=self._timeout))
+            return cast(Obj, retrying(lambda: self._api.get_cluster_custom_object(
+                GROUP, VERSION, kind.plural, name, _request_timeout=self._timeout),
+                what=f"get {kind.plural}/{name}", delays=self._delays))
         except k8s.ApiException as e:
             if e.status == 404:
                 return None
@@ -698,21 +706,33 @@ class CrdStore:
 
         A 409 whose cause left the record alone (someone changed labels, annotations or
         status of the object) is not the caller's conflict: the write is built again over
-        the fresh object and sent again.  A 409 because the record changed is Conflict."""
+        the fresh object and sent again.  A 409 because the record changed is Conflict (also
+        when the change was this very write, sent again after its answer was lost: the caller
+        reads again and finds its change made).  A create that met a transient error and then
+        finds exactly its record there made it."""
         body, status = self._build(table, kind, record, old)
         name = body["metadata"]["name"]
         ours = self._record_of({"metadata": body["metadata"]})
+        failures: list[BaseException] = []
         for attempt in range(_WRITE_RETRIES):
             try:
                 if create:
                     obj = self._call(f"create {kind.plural}/{name}", self._api.create_cluster_custom_object,
-                                     kind.plural, body, field_validation="Strict")
+                                     kind.plural, body, field_validation="Strict", failures=failures)
                 else:
                     obj = self._call(f"update {kind.plural}/{name}", self._api.replace_cluster_custom_object,
                                      kind.plural, name, body, field_validation="Strict")
                 break
             except errors.Conflict:
-                if create or attempt == _WRITE_RETRIES - 1:
+                if create:
+                    # sent again after a failure that may have been a lost answer: the object that is
+                    # there now, holding exactly our record, is the one our first attempt made
+                    fresh = self._current(table, kind, table.key(record)) if failures else None
+                    if fresh is None or self._record_of(fresh) != ours:
+                        raise
+                    obj = fresh
+                    break
+                if attempt == _WRITE_RETRIES - 1:
                     raise
                 fresh = self._current(table, kind, table.key(record))
                 if fresh is None or old is None or self._record_of(fresh) != self._record_of(old):
@@ -869,9 +889,10 @@ class CrdStore:
                 return  # the finalizer was all that kept it
             rv = str(obj["metadata"]["resourceVersion"])
         options = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=rv))
-        try:
-            self._api.delete_cluster_custom_object(GROUP, VERSION, kind.plural, name, body=options,
-                                                   _request_timeout=self._timeout)
+        try:  # retried after a lost answer, a delete that happened answers 404
+            retrying(lambda: self._api.delete_cluster_custom_object(GROUP, VERSION, kind.plural, name, body=options,
+                                                                    _request_timeout=self._timeout),
+                     what=f"delete {kind.plural}/{name}", delays=self._delays)
         except k8s.ApiException as e:
             if e.status == 404:
                 return

@@ -6,59 +6,27 @@ selector: it LISTs once, then watches from that resourceVersion, and LISTs
 again only when the watch's history is gone (410) or the connection broke.
 Reading it makes no request.
 
-`retrying` runs one API call, retrying with backoff on what a healthy API
-server can answer for a while (5xx, 429, a refused or broken connection):
-such an error is never taken as the answer.
+Its requests are retried through the API's passing faults (kube/retry.py,
+re-exported here: `retrying`, `transient`, `DELAYS`).
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import kubernetes.client as k8s
 import kubernetes.watch as _k8s_watch
 import urllib3.exceptions
 
-from csi_virtvol import errors
 from csi_virtvol.kube.crdstore import wrap_api_error
+from csi_virtvol.kube.retry import DELAYS, retrying, transient
 
 Obj = dict[str, Any]
 k8s_watch: Any = _k8s_watch
-R = TypeVar("R")
 
 log = logging.getLogger(__name__)
-
-DELAYS: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # about 6 s in all, then the error is raised
-
-
-def transient(e: BaseException) -> bool:
-    """An error that says nothing about the request, only that the API server could not answer now."""
-    if isinstance(e, k8s.ApiException):
-        status = int(e.status or 0)
-        return status == 0 or status == 429 or status >= 500
-    return isinstance(e, (urllib3.exceptions.HTTPError, OSError))
-
-
-def retrying(call: Callable[[], R], *, what: str, delays: Sequence[float] = DELAYS) -> R:
-    """`call()`, retried after each of `delays` while it fails transiently; other errors go through."""
-    for i in range(len(delays) + 1):
-        try:
-            return call()
-        except (k8s.ApiException, urllib3.exceptions.HTTPError, OSError) as e:
-            if not transient(e) or i == len(delays):
-                raise
-            log.info("%s: %s; retrying in %.1fs", what, _short(e), delays[i])
-            time.sleep(delays[i])
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _short(e: BaseException) -> str:
-    if isinstance(e, k8s.ApiException):
-        return f"{e.status} {e.reason}"
-    return f"{type(e).__name__}: {e}"
 
 
 class Informer:

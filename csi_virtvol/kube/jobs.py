@@ -301,7 +301,8 @@ class JobRunner:
 
     def start(self, job: Obj) -> str:
         """Create the Job; an existing Job of the same name and pair is taken as ours when it
-        copies the same attempt, and replaced when it is a previous attempt's."""
+        copies the same attempt and has not failed, and replaced when it is a previous attempt's
+        or failed (its pods' retries spent: the new one's pods resume from the checkpoint)."""
         name = str(job["metadata"]["name"])
         want_ckpt = str((job["metadata"].get("annotations") or {}).get(CHECKPOINT_ANNOTATION, ""))
         for _ in range(20):
@@ -319,10 +320,12 @@ class JobRunner:
                 meta = have.get("metadata") or {}
                 if (meta.get("labels") or {}).get(PAIR_LABEL) != job["metadata"]["labels"].get(PAIR_LABEL):
                     raise errors.Conflict(f"job {self._namespace}/{name} exists and belongs to another pair") from e
+                failed = _condition(have, "Failed") or _condition(have, "FailureTarget")
                 if str((meta.get("annotations") or {}).get(CHECKPOINT_ANNOTATION, "")) == want_ckpt \
-                        and not meta.get("deletionTimestamp"):
+                        and not meta.get("deletionTimestamp") and failed is None:
                     return name
-                logger.info("copy job %s/%s is of another attempt; replacing it", self._namespace, name)
+                logger.info("copy job %s/%s %s; replacing it", self._namespace, name,
+                            "failed" if failed is not None else "is of another attempt")
                 self.delete(name, uid=str(meta.get("uid") or ""))
                 time.sleep(0.2)
             except (urllib3.exceptions.HTTPError, OSError) as e:

@@ -562,6 +562,8 @@ class SnapshotService:
         steps = {s.index: s for s in self._steps(source, target)}
         for row in pair.targets[0].extents:
             if row.state is ExtentCopyState.DONE:
+                if row.method is CopyMethod.HOST:  # a controller stopped between done and its tidy-up
+                    self._runner.finished(f"{vid}-{row.index}")
                 continue
             if stop.is_set():
                 return
@@ -602,7 +604,9 @@ class SnapshotService:
         copy = attempt()
         attempts = 0
         self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
+        failpoints.hit("copy-host-starting")
         self._runner.start(copy)
+        failpoints.hit("copy-host-started")
         last = -1
         for _ in _polls(stop):
             cut.check(self._store, vid)
@@ -613,11 +617,13 @@ class SnapshotService:
                 if st.bytes_done:
                     failpoints.hit("copy-checkpointed")
             if st.done or st.mismatch:
+                failpoints.hit("copy-host-ended")
                 verdict = verify.judge(st, length=step.length, checkpoint_id=copy.checkpoint_id)
                 if verdict.ok:
                     failpoints.hit("copy-verified")
                     self._set_row(vid, row.index, state=ExtentCopyState.DONE, done=row.bytes_total,
                                   written=st.bytes_written, verified=(verdict.method, verdict.result))
+                    failpoints.hit("copy-host-done")
                     self._runner.finished(job)
                     return
                 self._set_row(vid, row.index, state=ExtentCopyState.COPYING, done=0,
@@ -741,16 +747,16 @@ class SnapshotService:
                               message=f"{vid} is a complete point-in-time copy of {pair.source}")
 
     def _fail(self, vid: str, reason: str) -> None:
-        try:
-            pair = self._update_pair(vid, lambda p: p)
-        except errors.NotFound:
-            return
-        self._release(pair)
-
         def failed(p: Pair) -> Pair:
             t = dataclasses.replace(p.targets[0], state=PairState.FAILED, reason=reason, ended_at=time.time())
             return dataclasses.replace(p, targets=(t,))
-        self._update_pair(vid, failed)
+        # failed first, then the source let go: stopped in between, a pair still in flight would be
+        # resumed over a source that may be written meanwhile; a failed one is only ever undone
+        try:
+            pair = self._update_pair(vid, failed)
+        except errors.NotFound:
+            return
+        self._release(pair)
         rec = self._store.get(S.VOLUMES, vid)
         if rec is not None:
             self._events.emit(parameters=rec.value.parameters, reason="CopyFailed",

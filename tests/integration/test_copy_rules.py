@@ -211,3 +211,45 @@ def test_the_node_sweeps_checkpoints_no_copy_will_resume(controller: tuple[Core,
     removed = checkpoints.sweep(store=c.store, directory=str(d), grace=0)
     assert sorted(removed) == sorted([str(earlier), str(gone)])
     assert present.exists() and legacy.exists() and not earlier.exists() and not gone.exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the stop, in the worker
+def test_a_failing_copy_never_lets_its_source_go_while_in_flight(controller: tuple[Core, Lying],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that fails records the failure before it lets the source go.  The other order left,
+    when the controller stopped (or the store failed, tests/kube/test_copy_matrix.py) in between,
+    a pair still in flight over a source already let go: the copy was then resumed and finished
+    on a source that could be written meanwhile, and reported ready."""
+    from csi_virtvol.model.pair import Fence, PairState
+
+    c, _ = controller
+    src = _source(c)
+    svc = c.core.snapshots
+    real_release = svc._release
+
+    def host_copy(*a: Any, **kw: Any) -> None:
+        raise errors.BackendError("injected: the copy cannot be made")
+
+    def release_then_stop(pair: Any) -> None:  # the release is made, then the controller stops
+        real_release(pair)
+        raise errors.BackendUnavailable("injected: the controller stops here")
+
+    monkeypatch.setattr(svc, "_host_copy", host_copy)
+    monkeypatch.setattr(svc, "_release", release_then_stop)
+    try:
+        svc.create_snapshot(name="snap-fail", source_volume_id=src, parameters={})
+    except errors.VirtvolError:
+        pass  # the copy failed within the call
+    with svc._guard:
+        workers = [w[0] for w in svc._workers.values()]
+    for t in workers:
+        t.join(timeout=60)
+    pair = next(r.value for r in c.store.list(S.PAIRS))
+    assert not (pair.state in (PairState.COPYING, PairState.RESYNCING) and pair.fence is Fence.RELEASED), \
+        f"a pair in flight over a source let go: {pair.state}, fence {pair.fence}"
+    assert pair.state is PairState.FAILED
+    monkeypatch.undo()
+    svc.delete_snapshot(pair.id)
+    assert c.store.list(S.PAIRS) == []
+    luns = [r.value for r in c.store.list(S.LUNS)]
+    assert luns and all(lun.state.value == "in-use" for lun in luns), "the source stayed fenced"

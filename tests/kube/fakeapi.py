@@ -40,7 +40,10 @@ with kubernetes-validate's schemas when it is installed.
 Tests drive what controllers would do (a Job's status, a Pod's log) through
 the hooks at the bottom of `FakeApiServer`: also injected faults (`inject_fault`: a 5xx or 429
 answer, or a connection closed unanswered, e.g. on pods/log), a Job retried under the same name
-(`recreate_job`: a new uid, the old pods left), and pods/log's tailLines/limitBytes.
+(`recreate_job`: a new uid, the old pods left), writes whose answer is lost (`inject_fault(lost=True)`),
+open watches ended at once (`end_watches`: what an
+API server restart or a proxy's timeout does; clients watch or list again), and pods/log's
+tailLines/limitBytes.
 the hooks at the bottom of `FakeApiServer`.  `inject_conflicts(rate)` plays
 another writer racing the client: before a PUT or a DELETE of a custom
 resource, with probability `rate`, the object is first changed by someone else
@@ -469,6 +472,7 @@ class FakeApiServer:
         self._validate_builtins = validate_builtins
         self._conflict_rate = 0.0
         self._conflict_rng: Any = None
+        self._watch_epoch = 0                       # end_watches() ends the watches of earlier epochs
         self.injected = 0                           # conflicts caused by inject_conflicts
         if crd_dir is not None:
             for path in sorted(Path(crd_dir).glob("*.yaml")):
@@ -872,6 +876,7 @@ class FakeApiServer:
             return _match(o, labels, fields)
 
         with self._lock:
+            epoch = self._watch_epoch
             pending: list[Obj] = []
             if resource_version in ("", "0"):
                 cursor = self._rv
@@ -892,13 +897,13 @@ class FakeApiServer:
                     # the history is in rv order: find the first newer event by bisection (a
                     # scan of the whole history per wake-up made every write O(history))
                     new = self._history[bisect.bisect_right(self._history, cursor, key=lambda e: e.rv):]
-                    if new or self._stopping:
+                    if new or self._stopping or self._watch_epoch != epoch:
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
                     self._lock.wait(left)
-                if self._stopping:
+                if self._stopping or self._watch_epoch != epoch:
                     return
                 cursor = new[-1].rv
                 out = []
@@ -996,12 +1001,15 @@ class FakeApiServer:
     # -- injected faults and controller behaviour (issue 12) ---------------
 
     def inject_fault(self, method: str, path: str, *, code: int = 500, times: int = 1,
-                     drop: bool = False, message: str = "") -> None:
+                     drop: bool = False, lost: bool = False, message: str = "") -> None:
         """The next `times` requests of `method` whose path matches the regular expression `path`
         fail: with status `code` (a kubelet's 500 on pods/log, a 503 or 429 of an overloaded server),
-        or with `drop`, by closing the connection unanswered (connection refused/reset)."""
+        or with `drop`, by closing the connection unanswered (connection refused/reset), or with
+        `lost`, by carrying the request out and then closing the connection before the answer (a
+        timeout after the server acted: a client cannot tell whether its write happened)."""
         with self._lock:
             self._faults.append(_Fault(method=method, path=re.compile(path), code=code, left=times, drop=drop,
+                                       lost=lost,
                                        message=message or f"injected {code}: dial tcp 10.0.0.1:10250: "
                                                           "connect: connection refused"))
 
@@ -1040,6 +1048,13 @@ class FakeApiServer:
                                    resource=m.group("plural"), subresource=m.group("sub"),
                                    namespace=m.group("ns"), name=m.group("name"), query=q)
 
+    def end_watches(self) -> None:
+        """End every open watch now (the stream closes cleanly), as an API server restart or a
+        proxy's idle timeout does: a client must watch again, or list, to go on."""
+        with self._lock:
+            self._watch_epoch += 1
+            self._lock.notify_all()
+
     def recreate_job(self, name: str, namespace: str) -> Obj:
         """What a retry of a Job under the same name looks like: the Job is deleted and made again
         from its own spec (a new uid, no status); the old Job's pods stay until garbage collection."""
@@ -1061,6 +1076,7 @@ class _Fault:
     left: int
     drop: bool
     message: str
+    lost: bool = False
 
 
 def _tail(text: str, q: Mapping[str, str]) -> str:
@@ -1114,6 +1130,11 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
             pass
 
         def _send_json(self, code: int, obj: Any, warnings: list[str] | None = None) -> None:
+            if getattr(self, "_lose_answer", False):  # inject_fault(lost=True): done, but never answered
+                self._lose_answer = False
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             data = json.dumps(obj).encode()
             if warnings:
                 with api._lock:
@@ -1147,6 +1168,9 @@ def _make_handler(api: FakeApiServer) -> type[http.server.BaseHTTPRequestHandler
                 self._send_json(refusal.code, refusal.body)
                 return
             fault = api._take_fault(method, url.path)
+            if fault is not None and fault.lost:
+                self._lose_answer = True
+                fault = None
             if fault is not None and fault.drop:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)

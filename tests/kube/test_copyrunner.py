@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -235,3 +236,53 @@ def test_a_finished_step_deletes_its_job(fake_api: FakeApiServer, client: Any) -
     job = _started(fake_api, runner)
     runner.finished(COPY.job)
     assert fake_api.find("batch", "jobs", job["metadata"]["name"], NS) is None
+
+
+def test_a_failed_job_is_started_again_not_adopted(fake_api: FakeApiServer, client: Any) -> None:
+    """The copy loop restarts a copy whose Job failed (its pods' retries spent) "from its
+    checkpoint": start() must make the Job again under the same attempt, so a new pod resumes from
+    the checkpoint on the node.  It took the failed Job as its own, so each restart was a no-op
+    and the pair failed (found by the copy matrix with backoffLimit 0)."""
+    runner = _runner(client)
+    copy = dataclasses.replace(COPY, checkpoint_id="vs-1234/b:l@1.0")
+    job = _started(fake_api, runner, copy)
+    name = job["metadata"]["name"]
+    fake_api.set_status("batch", "jobs", name, {"failed": 3, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "too many"}]}, NS)
+    st = until(lambda: next((s for s in [runner.poll(copy.job)] if not s.running), None))
+    assert st is not None and not st.done and "BackoffLimitExceeded" in st.message
+    runner.start(copy)
+    again = fake_api.find("batch", "jobs", name, NS)
+    assert again is not None and again["metadata"]["uid"] != job["metadata"]["uid"], "the failed Job was adopted"
+    assert again["metadata"]["annotations"]["virtvol.csi.example.org/checkpoint"] == copy.checkpoint_id
+    st = runner.poll(copy.job)
+    assert st.running and not st.done, f"the old incarnation's failure is still reported: {st}"
+    runner.start(copy)  # a running Job of the same attempt is ours
+    assert fake_api.find("batch", "jobs", name, NS)["metadata"]["uid"] == again["metadata"]["uid"]  # type: ignore[index]
+
+
+def test_a_restarted_controller_waits_for_its_pod_cache_before_judging(fake_api: FakeApiServer, client: Any) -> None:
+    """A controller restarted after its copy's Job completed polls before its pods watch has
+    listed: a Complete Job without a known pod is no result yet (the copy is taken as running),
+    not a copy done without a result, which verification refuses and copies again from 0."""
+    first = _runner(client)
+    copy = dataclasses.replace(COPY, checkpoint_id="vs-1234/b:l@1.0")
+    job = _started(fake_api, first, copy)
+    pod = run_pod(fake_api, job)
+    end_pod(fake_api, pod, 0, {"event": "done", "length": 1 << 20, "bytes_written": 1 << 20,
+                               "checkpoint_id": copy.checkpoint_id, "verified": True, "verify": "blake2b-256"})
+    fake_api.set_status("batch", "jobs", job["metadata"]["name"], {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True"}]}, NS)
+    _OPEN.remove(first)
+    threading.Thread(target=first.close, daemon=True).start()  # the controller is gone
+    fake_api.end_watches()
+    fake_api.inject_fault("GET", r"/namespaces/csi-virtvol/pods$", code=503, times=1000)  # pods cannot be listed
+    fresh = _runner(client)
+    fresh.start(copy)  # the restarted copy loop takes its Job over
+    for _ in range(10):
+        st = fresh.poll(copy.job)
+        assert not st.done and st.running, st
+        time.sleep(0.05)
+    fake_api.clear_faults()
+    st = until(lambda: (s := fresh.poll(copy.job)).done and s, timeout=15)
+    assert st and st.result is not None and st.result["verified"] is True, st

@@ -169,3 +169,55 @@ def test_idle_node_plugin_makes_no_requests(fake_api: FakeApiServer, client: Any
         stop.set()
         t.join(timeout=10)
         store.close()
+
+
+def test_transient_api_errors_on_writes_are_retried(fake_api: FakeApiServer, client: Any) -> None:
+    """Issue 12's rule "a transient API error is retried, never a failure", for the store itself:
+    one 500 on a VolumePair status write in a copy's last step failed the copy (found by
+    tests/kube/test_copy_matrix.py, api-errors@verified).  5xx, 429, a refused connection and a
+    write whose answer was lost are retried; the write lands once."""
+    store = CrdStore(client, retry_delays=(0.05,) * 8)
+    paths = {"create": ("POST", r"/volumepairs$"), "update": ("PUT", r"/volumepairs/p1$"),
+             "status": ("PUT", r"/volumepairs/p1/status$"), "read": ("GET", r"/volumepairs/p1$"),
+             "delete": ("DELETE", r"/volumepairs/p1$")}
+
+    def faults(what: str) -> None:
+        method, path = paths[what]
+        fake_api.inject_fault(method, path, code=500)
+        fake_api.inject_fault(method, path, drop=True)
+        fake_api.inject_fault(method, path, code=429)
+        fake_api.inject_fault(method, path, code=503)
+
+    faults("create")
+    fake_api.inject_fault("POST", r"/volumepairs$", lost=True)  # created, but the answer is lost
+    faults("status")
+    store.create(PAIRS, pair("p1", source="v1"))
+    assert fake_api.faults_left() == 0
+    got = store.get(PAIRS, "p1")
+    assert got is not None and got.value == pair("p1", source="v1")
+    assert fake_api.find(GROUP, "volumepairs", "p1")["status"]["state"] == "failed"  # type: ignore[index]
+
+    changed = dataclasses.replace(got.value, source="v2")
+    faults("read")
+    faults("update")
+    faults("status")
+    fake_api.inject_fault("PUT", r"/volumepairs/p1/status$", lost=True)
+    store.update(PAIRS, changed, revision=got.revision)
+    assert fake_api.faults_left() == 0
+    now = store.get(PAIRS, "p1")
+    assert now is not None and now.value.source == "v2"
+    assert fake_api.find(GROUP, "volumepairs", "p1")["spec"]["source"] == "v2"  # type: ignore[index]
+
+    # an update whose answer is lost happened: sent again, it is a Conflict (it cannot tell the
+    # write was its own), and the caller, reading again as after any Conflict, finds it made
+    fake_api.inject_fault("PUT", r"/volumepairs/p1$", lost=True)
+    with pytest.raises(errors.Conflict):
+        store.update(PAIRS, dataclasses.replace(changed, source="v3"), revision=now.revision)
+    again = store.get(PAIRS, "p1")
+    assert again is not None and again.value.source == "v3"
+
+    faults("delete")
+    fake_api.inject_fault("DELETE", r"/volumepairs/p1$", lost=True)
+    store.delete(PAIRS, "p1")
+    assert fake_api.faults_left() == 0
+    assert fake_api.find(GROUP, "volumepairs", "p1") is None and store.get(PAIRS, "p1") is None

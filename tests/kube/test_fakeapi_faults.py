@@ -44,3 +44,51 @@ def test_a_job_retried_under_the_same_name_gets_a_new_uid(fake_api: FakeApiServe
     again = fake_api.recreate_job("j", NS)
     assert again["metadata"]["uid"] != first.metadata.uid and again["metadata"]["name"] == "j"
     assert fake_api.find("", "pods", "j-old", NS) is not None, "the old Job's pods are still there"
+
+
+def test_end_watches_closes_open_watches(fake_api: FakeApiServer, client: Any) -> None:
+    """What an API server restart does to its watches: each open stream ends at once, cleanly,
+    long before its timeoutSeconds; a new watch is served as usual."""
+    import threading
+    import time
+
+    import kubernetes.watch
+
+    core = k8s.CoreV1Api(client)
+    ended = threading.Event()
+    seen: list[str] = []
+
+    def follow() -> None:
+        for ev in kubernetes.watch.Watch().stream(core.list_namespaced_pod, NS, timeout_seconds=60):
+            seen.append(ev["object"].metadata.name)
+        ended.set()
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    _pod(fake_api, "before")
+    deadline = time.monotonic() + 10
+    while "before" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen == ["before"] and not ended.is_set()
+    fake_api.end_watches()
+    assert ended.wait(5), "the watch is still open"
+    again = kubernetes.watch.Watch()
+    for ev in again.stream(core.list_namespaced_pod, NS, timeout_seconds=5):
+        assert ev["object"].metadata.name == "before"
+        again.stop()
+
+
+def test_a_lost_answer_happened_all_the_same(fake_api: FakeApiServer, client: Any) -> None:
+    """inject_fault(lost=True): the server carries the write out, the client gets no answer."""
+    batch = k8s.BatchV1Api(client)
+    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": NS},
+            "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "copy", "image": "i"}]}}}}
+    fake_api.inject_fault("POST", r"/jobs$", lost=True, times=10)  # more than urllib3's own retries
+    with pytest.raises((urllib3.exceptions.HTTPError, OSError)):
+        batch.create_namespaced_job(NS, body, _request_timeout=5)
+    assert fake_api.find("batch", "jobs", "j", NS) is not None, "the write happened"
+    fake_api.clear_faults()
+    with pytest.raises(k8s.ApiException) as e:
+        batch.create_namespaced_job(NS, body)
+    assert e.value.status == 409
