@@ -416,8 +416,10 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _volume_size(workdir: str) -> int:
-    return sum(s.length for s in dm.load_segments(os.path.join(workdir, "segments.json")))
+def _volume_size(n: Names) -> int:
+    """Bytes of the volume's device as it is now (segments.json runs ahead of it while it
+    grows, and stays ahead if that was killed)."""
+    return sum(length for _, length, _, _ in dmioctl.table(n.top)) * SECTOR
 
 
 def _readonly(workdir: str) -> bool:
@@ -547,8 +549,9 @@ class DmCutComposer(dm.DmComposer):
             era = st.tracking.get(since) if st is not None else None
             if era is None:
                 raise errors.NotFound(f"{name}: nothing tracks the writes since cut {since}")
-            size = _volume_size(workdir)
-            return Changed(chunk=CHUNK, size=size, bits=self._written_since(workdir, names(name), era, size))
+            n = names(name)
+            size = _volume_size(n)
+            return Changed(chunk=CHUNK, size=size, bits=self._written_since(workdir, n, era, size))
 
     def drop_tracking(self, *, workdir: str, name: str, since: str) -> None:
         cow.check_cut_id(since)
@@ -571,7 +574,7 @@ class DmCutComposer(dm.DmComposer):
 
     def _make_stack(self, workdir: str, n: Names, st: State) -> State:
         """base@real and base@era under base (base itself is untouched until a cut)."""
-        size = _volume_size(workdir)
+        size = _volume_size(n)
         capacity, msize = meta_size(size)
         era = EraRec(phase="making", capacity=capacity, meta_size=msize)
         st = _save(workdir, dataclasses.replace(st, era=era))
@@ -594,7 +597,7 @@ class DmCutComposer(dm.DmComposer):
 
     def _cut(self, workdir: str, n: Names, st: State, *, cut_id: str, limit: int, hold: bool,
              since: str) -> CutView:
-        rec = CutRec(id=cut_id, phase="making", limit=limit, size=_volume_size(workdir))
+        rec = CutRec(id=cut_id, phase="making", limit=limit, size=_volume_size(n))
         st = _save(workdir, st.with_cut(rec))
         _failpoint("dmcut-cut-recorded")
         try:
@@ -655,6 +658,8 @@ class DmCutComposer(dm.DmComposer):
         if since and since in st.tracking and since != cut_id:
             bits = self._written_since(workdir, n, st.tracking[since], size)
             cow.write_file(_changed_path(workdir, cut_id), bits)
+            logger.info("%s: cut %s: %d chunks written since cut %s", n.top, cut_id,
+                        sum(bin(b).count("1") for b in bits), since)
             rec = dataclasses.replace(rec, changed=True)
             st = _save(workdir, st.with_cut(rec))
         return self._view(workdir, n, rec, wait=True)
@@ -784,7 +789,7 @@ class DmCutComposer(dm.DmComposer):
     def _swap_top(self, workdir: str, n: Names, kind: TopKind) -> None:
         """Give base the table of `kind`: load, suspend (in-flight writes complete, new ones
         wait a moment), resume."""
-        table = self._table_for(workdir, n, kind, _volume_size(workdir))
+        table = self._table_for(workdir, n, kind, _volume_size(n))
         _load(n.top, table)
         dmioctl.suspend(n.top, lockfs=False)
         dmioctl.resume(n.top)
@@ -835,7 +840,7 @@ class DmCutComposer(dm.DmComposer):
         if workdir in _held:
             raise errors.PreconditionFailed(f"volume {name}: its writes are held for a cut; try again")
         _, table, wanted = self.linear_table(workdir=workdir, extents=extents, readonly=False)
-        if _rows(dmioctl.table(n.real)) == wanted:
+        if _rows(dmioctl.table(n.real)) == wanted and _volume_size(n) == size:
             return dm.device_path(n.top)
         era = dmioctl.info(n.era)
         meta = devices.find(_meta_path(workdir))
