@@ -605,6 +605,8 @@ class DmCutComposer(dm.DmComposer):
         except Exception:
             # Undo it now rather than at the next call (the caller gives up the cut anyway).
             try:
+                if workdir in _held:
+                    self._release(workdir, n)
                 st = load_state(workdir) or State()
                 st = _save(workdir, dataclasses.replace(
                     st, tracking={k: v for k, v in st.tracking.items() if k != cut_id}))
