@@ -57,7 +57,9 @@ volume may be attached elsewhere, and this node must hold nothing of it.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -73,7 +75,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from csi_virtvol import errors
-from csi_virtvol.node import commands, cow, devices, dm, dmioctl, layout
+from csi_virtvol.node import commands, cow, devices, dm, dmioctl, fs, layout
 from csi_virtvol.node.cut import CHUNK, Changed, CutView
 from csi_virtvol.node.layout import SECTOR, BackingExtent
 
@@ -395,6 +397,30 @@ def _detach_files(workdir: str) -> None:
             devices.detach(lo.name)
 
 
+def _presync(top: dmioctl.Info | None) -> None:
+    """Write back a filesystem mounted on the volume before the hold, so the freeze inside it
+    (lockfs) has as little as possible left to write."""
+    if top is None:
+        return
+    for m in fs.mounts():
+        if m.major_minor == top.majmin:
+            try:
+                fd = os.open(m.mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if _libc().syncfs(fd) != 0:
+                    logger.debug("syncfs %s failed", m.mount_point)
+            finally:
+                os.close(fd)
+            return
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _sparse(path: str, size: int) -> None:
     """A new zero-filled sparse file (what a crashed attempt left is replaced)."""
     try:
@@ -635,6 +661,7 @@ class DmCutComposer(dm.DmComposer):
         if swap:
             _load(n.top, origin_table(size, era_dev.majmin))
         _failpoint("dmcut-loaded")
+        _presync(dmioctl.info(n.top))
         already = workdir in _held   # this process holds base suspended for another cut: same instant
         t0 = time.monotonic()
         try:
