@@ -26,8 +26,9 @@ from csi_virtvol.node.cut import CHUNK
 from csi_virtvol.node.layout import BackingExtent
 from csi_virtvol.node.stager import Stager
 
-from lvmvg import IN_VM, NOT_IN_VM, MiB
+from lvmvg import IN_VM, MiB
 
+NOT_IN_VM = "needs device-mapper: runs inside vmtest (tests/vm/test_dmcut_vm.py starts it)"
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.skipif(not IN_VM, reason=NOT_IN_VM)]
 
 SIZE = 32 * MiB
