@@ -14,6 +14,7 @@ FROM python:3.11-slim-bookworm
 #                    "nbdfuse" is a name libnbd-bin provides), nbdkit with its Python plugin
 #   qsd arrays       qemu-storage-daemon (qemu-system-common), qemu-img (qemu-utils)
 #   lvm arrays       lvm2, thin-provisioning-tools (thin_check for thin pools), dmsetup
+#   dm live cuts     dmsetup; era_invalidate (thin-provisioning-tools) reads dm-era's tracking
 #   lio arrays       iscsiadm (open-iscsi: talks to the *host's* iscsid), sg_inq sg_xcopy
 #                    (sg3-utils); the target itself is configfs, no tool
 #   devices          modprobe (kmod), udevadm (udev)

@@ -1,15 +1,16 @@
 """How a volume's extents become one block device: the interface and the choice.
 
 Two compositions implement it: concat.FuseComposer (a userspace concatenation daemon and
-a loop device on its file; for hosts without device-mapper) and dm.DmComposer
-(device-mapper linear over loop devices).  Each keeps what it needs to find its pieces
+a loop device on its file; for hosts without device-mapper) and dmcut.DmCutComposer
+(device-mapper linear over loop devices, dm.py, with live cuts and change tracking from
+dm-snapshot and dm-era, dmcut.py).  Each keeps what it needs to find its pieces
 again in the `workdir` it is given, so it can be torn down after the plugin restarts.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from csi_virtvol import errors
 from csi_virtvol.node.layout import BackingExtent
@@ -46,6 +47,16 @@ class Composer(Protocol):
         ...
 
 
+@runtime_checkable
+class Settles(Protocol):
+    """A composition whose pieces a killed process can leave half-changed (dm: a device
+    left suspended in the middle of a cut holds the application's writes)."""
+
+    def settle(self, *, workdir: str, name: str) -> None:
+        """Finish or undo what a killed process left, and let held writes go."""
+        ...
+
+
 def _has_dm() -> bool:
     """Whether the kernel answers on /dev/mapper/control: the node may exist (dmsetup makes
     it) where the kernel has no device-mapper, and then opening it fails with ENODEV."""
@@ -66,8 +77,8 @@ def resolve_kind(kind: Kind = "auto") -> Literal["fuse", "dm"]:
 
 
 def make(kind: Kind = "auto") -> Composer:
-    from csi_virtvol.node import concat, dm
+    from csi_virtvol.node import concat, dmcut
 
     if resolve_kind(kind) == "dm":
-        return dm.DmComposer()
+        return dmcut.DmCutComposer()
     return concat.FuseComposer()

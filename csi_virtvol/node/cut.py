@@ -16,10 +16,11 @@ A cut fixes a staged volume's image at one instant while the application keeps w
                        bitmap that survives a restart), for resyncs and metadata deltas.
     drop_tracking(since)
 
-Where they live (FUSE): node/cow.py.  A composition that cannot cut (dm, today) does not
-implement the protocol; Stager.can_cut says so and the node falls back to holding the
-writes for the whole copy (fsfreeze).  A dm implementation would insert `snapshot-origin`
-and `snapshot` targets by a table reload under suspend/resume, and use dm-era for tracking.
+Where they live: node/cow.py and node/concatfs.py (FUSE); node/dmcut.py (device-mapper:
+`snapshot-origin` and `snapshot` loaded under a suspend/resume of the volume's device,
+dm-era for the tracking).  A composition that cannot cut does not implement the protocol;
+Stager.can_cut says so and the node falls back to holding the writes for the whole copy
+(fsfreeze).
 """
 from __future__ import annotations
 

@@ -68,10 +68,35 @@ class DmComposer:
     def assemble(
         self, *, workdir: str, name: str, extents: Sequence[BackingExtent], readonly: bool
     ) -> str:
+        segs, table, wanted = self.linear_table(workdir=workdir, extents=extents, readonly=readonly)
+        dmn = dm_name(name)
+        if exists(dmn):
+            if live_table(dmn) != wanted:
+                commands.run(["dmsetup", "suspend", dmn])
+                try:
+                    commands.run(["dmsetup", "reload", dmn], input=table)
+                finally:
+                    commands.run(["dmsetup", "resume", dmn])
+                logger.info("reloaded %s with %d segments", dmn, len(segs))
+        else:
+            argv = ["dmsetup", "create", dmn]
+            if readonly:
+                argv.append("--readonly")
+            commands.run(argv, input=table)
+            logger.info("created %s with %d segments", dmn, len(segs))
+        return device_path(dmn)
+
+    @staticmethod
+    def linear_table(
+        *, workdir: str, extents: Sequence[BackingExtent], readonly: bool
+    ) -> tuple[list[Segment], str, list[list[str]]]:
+        """Plan the segments of `extents` (recorded in workdir/segments.json first), attach
+        their loop devices, and return (segments, the linear table, its rows as `dmsetup
+        table` prints them)."""
         layout.validate(extents)
         os.makedirs(workdir, exist_ok=True)
         seg_file = os.path.join(workdir, "segments.json")
-        old = _load_segments(seg_file)
+        old = load_segments(seg_file)
         segs = plan(extents, old)
         # Record first: a crash after attaching leaves loops that teardown still finds.
         layout.write_json_atomic(seg_file, {"segments": [s.to_dict() for s in segs],
@@ -88,25 +113,9 @@ class DmComposer:
                 dev_off = 0
             row = [str(start // SECTOR), str(s.length // SECTOR), "linear", dev, str(dev_off // SECTOR)]
             lines.append(" ".join(row))
-            wanted.append(row[:3] + [_majmin(dev)] + row[4:])
+            wanted.append(row[:3] + [majmin(dev)] + row[4:])
             start += s.length
-        table = "\n".join(lines) + "\n"
-        dmn = dm_name(name)
-        if _exists(dmn):
-            if _table(dmn) != wanted:
-                commands.run(["dmsetup", "suspend", dmn])
-                try:
-                    commands.run(["dmsetup", "reload", dmn], input=table)
-                finally:
-                    commands.run(["dmsetup", "resume", dmn])
-                logger.info("reloaded %s with %d segments", dmn, len(segs))
-        else:
-            argv = ["dmsetup", "create", dmn]
-            if readonly:
-                argv.append("--readonly")
-            commands.run(argv, input=table)
-            logger.info("created %s with %d segments", dmn, len(segs))
-        return _device_path(dmn)
+        return segs, "\n".join(lines) + "\n", wanted
 
     def grow(self, *, workdir: str, name: str, extents: Sequence[BackingExtent]) -> str:
         seg_file = os.path.join(workdir, "segments.json")
@@ -119,14 +128,14 @@ class DmComposer:
 
     def device(self, *, workdir: str, name: str) -> str | None:
         dmn = dm_name(name)
-        return _device_path(dmn) if _exists(dmn) else None
+        return device_path(dmn) if exists(dmn) else None
 
     def teardown(self, *, workdir: str, name: str) -> None:
         dmn = dm_name(name)
-        if _exists(dmn):
+        if exists(dmn):
             commands.run(["dmsetup", "remove", "--retry", dmn])
             logger.info("removed %s", dmn)
-        for s in _load_segments(os.path.join(workdir, "segments.json")):
+        for s in load_segments(os.path.join(workdir, "segments.json")):
             if devices.is_block_device(s.path):
                 continue
             for ro in (False, True):
@@ -136,12 +145,12 @@ class DmComposer:
 
     def problem(self, *, workdir: str, name: str) -> str | None:
         dmn = dm_name(name)
-        if not _exists(dmn):
+        if not exists(dmn):
             return f"device-mapper device {dmn} is gone"
         info = commands.run(["dmsetup", "info", "-c", "--noheadings", "-o", "attr", dmn]).stdout
         if info.strip().startswith("s"):
             return f"{dmn} is suspended"
-        for s in _load_segments(os.path.join(workdir, "segments.json")):
+        for s in load_segments(os.path.join(workdir, "segments.json")):
             if devices.is_block_device(s.path):
                 if not os.path.exists(s.path):
                     return f"backing device {s.path} is gone"
@@ -150,7 +159,7 @@ class DmComposer:
         return None
 
 
-def _load_segments(path: str) -> list[Segment]:
+def load_segments(path: str) -> list[Segment]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -160,11 +169,11 @@ def _load_segments(path: str) -> list[Segment]:
             for d in data.get("segments", [])]
 
 
-def _exists(dmn: str) -> bool:
+def exists(dmn: str) -> bool:
     return commands.run(["dmsetup", "info", dmn], check=False).returncode == 0
 
 
-def _table(dmn: str) -> list[list[str]]:
+def live_table(dmn: str) -> list[list[str]]:
     out = commands.run(["dmsetup", "table", dmn]).stdout
     rows = []
     for line in out.splitlines():
@@ -173,19 +182,19 @@ def _table(dmn: str) -> list[list[str]]:
         f = line.split()
         # dmsetup prints devices as major:minor; compare on the resolved form
         if len(f) >= 5 and f[2] == "linear":
-            f[3] = _majmin(f[3])
+            f[3] = majmin(f[3])
         rows.append(f)
     return rows
 
 
-def _majmin(dev: str) -> str:
+def majmin(dev: str) -> str:
     if ":" in dev and not dev.startswith("/"):
         return dev
     st = os.stat(dev)
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
-def _device_path(dmn: str) -> str:
+def device_path(dmn: str) -> str:
     path = f"/dev/mapper/{dmn}"
     if os.path.exists(path):
         return path

@@ -7,7 +7,8 @@
     unpublish / unstage  undo; what is already gone is fine
     stats / condition    NodeGetVolumeStats
     begin_cut ... drop_tracking   live cuts of a staged volume (node/cut.py): the
-              filesystem is frozen (fsfreeze) only around the composition's cut
+              filesystem is frozen (fsfreeze) only around the composition's cut (dm's
+              suspend freezes it itself)
 
 A JSON record per staged volume under state_dir/volumes/ lets unstage and expand work
 after a plugin restart; next to it, publications.json keeps each target path's
@@ -96,6 +97,15 @@ class Stager:
         self._composer = composing.make(self._kind)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        if isinstance(self._composer, composing.Settles):
+            # A plugin killed in the middle of a cut may have left a device suspended: the
+            # application's writes wait until someone resumes it.
+            for rec in self.list_staged():
+                if rec.composer == self._kind:
+                    try:
+                        self._composer.settle(workdir=self._workdir(rec.volume_id), name=rec.volume_id)
+                    except errors.VirtvolError as e:
+                        logger.error("volume %s: could not settle its device: %s", rec.volume_id, e)
 
     @property
     def composer_kind(self) -> str:
@@ -269,10 +279,12 @@ class Stager:
         staging_path = os.path.normpath(staging_path)
         with self._locked(volume_id):
             rec = self.get(volume_id)
+            workdir = self._workdir(volume_id)
+            if rec is not None and rec.composer == self._kind and isinstance(self._composer, composing.Settles):
+                self._composer.settle(workdir=workdir, name=volume_id)  # nothing suspended under the unmount
             fs.unmount(staging_path)
             if rec is not None and rec.staging_path != staging_path:
                 fs.unmount(rec.staging_path)
-            workdir = self._workdir(volume_id)
             if rec is not None or os.path.isdir(workdir):
                 composer = self._composer
                 if rec is not None and rec.composer != self._kind:
@@ -437,7 +449,7 @@ class Stager:
         `hold`, the writes stay held until release_cut (a cut of several volumes)."""
         rec, cutter, workdir = self._cutter(volume_id)
         frozen = False
-        if rec.access == "mount" and not rec.readonly:
+        if rec.access == "mount" and not rec.readonly and not getattr(cutter, "freezes_filesystem", False):
             commands.run(["fsfreeze", "--freeze", rec.staging_path])
             frozen = True
         try:

@@ -38,8 +38,9 @@ CODE_TOOLS = ["nbd-client", "nbdfuse", "nbdinfo", "iscsiadm", "sg_inq", "sg_xcop
               "mount", "blkdiscard", "udevadm"]
 # Not called by name from the code but needed in the image: nbdcopy (libnbd-bin, used by
 # host copies of NBD LUNs through nbdfuse), the mkfs programs (run as mkfs.<fstype>),
-# thin_check (run by lvm itself on thin pools).
-IMAGE_TOOLS = ["nbdcopy", "mkfs.ext4", "mkfs.xfs", "thin_check"]
+# thin_check (run by lvm itself on thin pools); era_invalidate (thin-provisioning-tools: the dm
+# live cut's change tracking, node/dmcut.py, runs it through node/commands).
+IMAGE_TOOLS = ["nbdcopy", "mkfs.ext4", "mkfs.xfs", "thin_check", "era_invalidate"]
 
 
 def argv0s() -> set[str]:
