@@ -36,7 +36,8 @@ from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
 from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import clonecost, cut, failpoints, tracking, verify
+from csi_virtvol import failpoints
+from csi_virtvol.services import clonecost, cut, tracking, verify
 from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter

@@ -2,7 +2,10 @@
 
 `VIRTVOL_FAILPOINTS=name[,name...]` makes the process SIGKILL itself when it
 reaches one of those points, exactly as a power cut or OOM kill would stop it
-there.  `name=error` instead raises a BackendError there, as a failing array or
+there.  Every layer may name points (so this module sits below all of them): the
+controller's copy and cut steps (copy-*, cut-*), the node plugin's side of a cut
+(cut-node-*) and the concatenation daemon (daemon-*), which inherits the plugin's
+environment.  `name=error` instead raises a BackendError there, as a failing array or
 host tool would, so the caller's undo path runs.  Unset (always, in production)
 each call is one dict look-up.
 """
