@@ -180,6 +180,9 @@ class FenceKeeper:
             except errors.VirtvolError as e:
                 log.warning("fence keeper: %s", e)
                 stop.wait(1.0)
+            except Exception:   # a bug, or a tool failing unexpectedly: never stop answering fences
+                log.exception("fence keeper: unexpected failure; scanning again")
+                stop.wait(1.0)
         for pair_id in list(self._held):
             self._thaw(pair_id)
         self.cuts.release_all()
