@@ -465,12 +465,13 @@ class SnapshotService:
                     continue
 
     def _make_luns(self, source: VirtualVolume, target: VirtualVolume) -> None:
-        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent.
-        While a pair resyncs its clones are made again (a clone is never updated in place)."""
+        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent.  Called at the
+        cut only, so a clone found is always made again: it belongs to an earlier instant (the
+        pair's last copy, for a resync; a cut made again after a crash, whose writes were let go
+        in between; a clone is never updated in place)."""
         prec = self._store.get(S.PAIRS, target.id)
         if prec is None:  # undone meanwhile: without the pair, clones would be made as full LUNs
             raise errors.NotFound(f"pair {target.id} is gone")
-        recloning = prec.value.targets[0].state is PairState.RESYNCING
         src_luns = {(e.array, e.lun) for e in source.extents}
         made: set[tuple[ArrayId, LunId]] = set()
         for i, e in enumerate(target.extents):
@@ -481,8 +482,7 @@ class SnapshotService:
             clone_of = self._clone_source(source, target, i)
             if clone_of is not None and (e.array, clone_of) in src_luns:
                 copier = require_internal_copy(driver, self._arrays.info(e.array, fresh=False).abilities)
-                if recloning:
-                    driver.delete_lun(lun_id=e.lun)
+                driver.delete_lun(lun_id=e.lun)
                 lun = copier.copy_lun_internal(source=clone_of, name=e.lun)
             else:
                 lun = driver.create_lun(name=e.lun, size=e.length if e.offset == 0 else e.offset + e.length)
