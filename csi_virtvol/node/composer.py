@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from csi_virtvol import errors
 from csi_virtvol.node.layout import BackingExtent
@@ -44,6 +44,14 @@ class Composer(Protocol):
     def problem(self, *, workdir: str, name: str) -> str | None:
         """Why the assembled device is unhealthy, or None when it is fine."""
         ...
+
+
+@runtime_checkable
+class Retirable(Protocol):
+    """A composition that can take a volume's device away while its cuts (node/cut.py) stand,
+    so an unstage does not end the cut a copy still reads; teardown() ends the rest."""
+
+    def retire(self, *, workdir: str, name: str) -> None: ...
 
 
 def _has_dm() -> bool:

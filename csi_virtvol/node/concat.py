@@ -261,6 +261,21 @@ class FuseComposer:
         a = self._ctl(workdir, name, {"op": "list"})
         return [str(c) for c in a["cuts"]], [str(t) for t in a["tracking"]]  # type: ignore[attr-defined]
 
+    def retire(self, *, workdir: str, name: str) -> None:
+        """Unstaged while a cut stands: take the device away (nothing writes the volume here
+        any more) but keep the daemon serving the cut's view to the copy; teardown() later."""
+        _, _, _, _, file = _paths(workdir)
+        for lo in devices.find_all(file):
+            devices.detach(lo.name)
+        orphan = _recorded_loop(workdir)
+        if orphan is not None and devices.backing_file(orphan) == "/" + layout.CONCAT_FILE_NAME:
+            devices.detach(orphan)
+        try:
+            os.unlink(os.path.join(workdir, "loop.json"))
+        except FileNotFoundError:
+            pass
+        logger.info("%s: device taken away; the daemon stays for its cuts", name)
+
     # -- the daemon ----------------------------------------------------------------------
 
     def _start(self, workdir: str) -> None:

@@ -13,7 +13,7 @@ from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.array import LunState
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.volume import Attachment, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import access
+from csi_virtvol.services import access, cut
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.store import base as S
@@ -80,6 +80,10 @@ class PublishService:
             if vol.state is not VolumeState.AVAILABLE:
                 raise errors.PreconditionFailed(
                     f"volume {volume_id} is {vol.state.value}; it can be published when that ends")
+            # a copy reading the LUNs does not hold the publish back: the node cuts the volume
+            # before it writes it, and the copy reads that cut (services/cut.py)
+            if cut.publish_mid_copy(self._store, vol.id, node=node_id, readonly=readonly):
+                self._allow_luns(vol)
             self._check_luns(vol)
             mine = vol.attached_to(NodeId(node_id))
             if mine is not None:
@@ -103,6 +107,20 @@ class PublishService:
                 raise
             log.info("volume %s published to node %s (readonly=%s)", volume_id, node_id, readonly)
             return publish_context(new, self._arrays)
+
+    def _allow_luns(self, vol: VirtualVolume) -> None:
+        for e in vol.extents:
+            key = f"{e.array}:{e.lun}"
+            for _ in range(20):
+                lrec = self._store.get(S.LUNS, key)
+                if lrec is None or lrec.value.state is not LunState.ACCESS_PROHIBITED:
+                    break
+                try:
+                    self._store.update(S.LUNS, dataclasses.replace(lrec.value, state=LunState.IN_USE),
+                                       revision=lrec.revision)
+                    break
+                except errors.Conflict:
+                    continue
 
     def _check_luns(self, vol: VirtualVolume) -> None:
         for e in vol.extents:
