@@ -6,13 +6,15 @@ The controller and the node plugin run as separate processes (`serve --mode cont
 `serve --mode node` on one state store), so each can be killed alone; the daemon is its own
 process already.  `VIRTVOL_FAILPOINTS` names the step.  The source is a mounted ext4 over two
 arrays (a reflink XFS pool, cloned at the cut with the writes held, and an ext4 pool, host
-copied from the cut's view), written by a writer that fdatasyncs sequence-numbered records.
+copied from the cut's view), or on the ext4 pool only, written by a writer that fdatasyncs
+sequence-numbered records.
 
 After the kill and the restart, for every step:
 - the application's writes are not left held;
 - every record acknowledged to the writer is on the source;
-- the snapshot either completes or fails cleanly (the pair `failed` with a reason, nothing
-  stuck), and then a new attempt completes; its image is a prefix of the acknowledged
+- the snapshot completes (its copy resumes), or, where the kill takes the volume's device
+  (the daemon), fails cleanly: the pair `failed` with a reason, nothing stuck, nothing of
+  its cut left; then a new attempt completes.  The image is a prefix of the acknowledged
   records, holding every record acknowledged before the cut and at most one more;
 - once the snapshot is deleted and the volume unstaged, no copy-on-write store, tracking
   bitmap, view, daemon, FUSE mount, loop device, LUN or LUN record is left.
@@ -40,6 +42,8 @@ import yaml
 
 from csi_virtvol.csi._gen import csi_pb2 as pb
 from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
+from csi_virtvol.model.volume import VolumeKind
+from csi_virtvol.services.volumes import volume_id_for
 from csi_virtvol.store import base as S
 from csi_virtvol.store.sqlite import SqliteStore
 from harness.plugin import _teardown_node, mount_cap
@@ -50,16 +54,30 @@ RECORD = 4096
 NODE = "crash-node"
 CAP = mount_cap("ext4")
 
-# (process killed, failpoint): before the cut, inside it (writes held), during the copy, at its end
+# (process killed, failpoint, what the snapshot then does): before the cut, inside it (writes
+# held), during the copy, at its end.  "completed": the attempt resumes and completes;
+# "failed": it fails cleanly (the volume's device died with its daemon) and a new one completes.
 POINTS = [
-    ("controller", "cut-requested"), ("controller", "cut-answered"), ("controller", "cut-clones-made"),
-    ("controller", "copy-fenced"), ("controller", "copy-luns-made"), ("controller", "copy-checkpointed"),
-    ("controller", "copy-finishing"), ("controller", "copy-released"),
-    ("node", "cut-node-begin"), ("node", "cut-node-frozen"), ("node", "cut-node-made"),
-    ("node", "cut-node-answered"), ("node", "cut-node-copying"), ("node", "cut-node-ending"),
-    ("daemon", "daemon-cut-held"), ("daemon", "daemon-cut-made"), ("daemon", "daemon-preserved"),
-    ("daemon", "daemon-view-read"), ("daemon", "daemon-cut-ending"),
+    ("controller", "cut-requested", "completed"), ("controller", "cut-answered", "completed"),
+    ("controller", "cut-clones-made", "completed"), ("controller", "copy-fenced", "completed"),
+    ("controller", "copy-luns-made", "completed"), ("controller", "copy-checkpointed", "completed"),
+    ("controller", "copy-finishing", "completed"), ("controller", "copy-released", "completed"),
+    ("node", "cut-node-begin", "completed"), ("node", "cut-node-frozen", "completed"),
+    ("node", "cut-node-made", "completed"),
+    ("node", "cut-node-answered", "either"),   # the controller may let go before the node restarts, or not
+    ("node", "cut-node-copying", "completed"), ("node", "cut-node-ending", "completed"),
+    ("daemon", "daemon-cut-held", "failed"), ("daemon", "daemon-cut-made", "failed"),
+    ("daemon", "daemon-preserved", "failed"), ("daemon", "daemon-view-read", "failed"),
+    ("daemon", "daemon-cut-ending", "completed"),
 ]
+# The layout: "clone+host" spans a reflink XFS pool (cloned at the cut, the writes held until
+# the clone is made) and an ext4 pool (host copied); "host" is on the ext4 pool only (the
+# writes let go right after the cut, before the controller hears of it).
+CASES = [(*pt, "clone+host") for pt in POINTS] + [
+    ("node", "cut-node-frozen", "completed", "host"), ("node", "cut-node-made", "completed", "host"),
+    ("controller", "cut-requested", "completed", "host"), ("daemon", "daemon-cut-made", "failed", "host"),
+]
+SIZES = {"clone+host": 320 * MiB, "host": 96 * MiB}
 
 pytestmark = pytest.mark.root
 
@@ -211,31 +229,40 @@ def pair(data: Path, sid: str):  # type: ignore[no-untyped-def]
         return None if rec is None else rec.value
 
 
-def settle(c: Cluster, data: Path, name: str, vid: str, timeout: float = 120) -> tuple[pb.Snapshot | None, str]:
-    """Poll the snapshot until it is ready, or its attempt failed cleanly: (snapshot, "") or
-    (None, reason).  A CreateSnapshot that answers an error is an attempt that failed too."""
+def first_attempt(data: Path, sid: str, timeout: float = 120) -> str:
+    """How the attempt under way when the process was killed ended, from the records alone
+    (a CreateSnapshot would start a failed attempt again): "" when it completed, else why it
+    failed: the pair `failed` (with a reason), or undone (the cut failed under the request)."""
     deadline = time.monotonic() + timeout
-    sid = ""
     while time.monotonic() < deadline:
-        if sid:
-            p = pair(data, sid)
-            if p is not None and p.state.value == "failed":
-                reason = p.targets[0].reason
-                assert reason, "the pair failed without a reason"
-                return None, reason
+        with SqliteStore(str(data / "state.db"), readonly=True) as st:
+            p = st.get(S.PAIRS, sid)
+            vol = st.get(S.VOLUMES, sid)
+        if p is None and vol is None:
+            return "undone: its cut failed and CreateSnapshot answered the error"
+        if p is not None and p.value.state.value == "failed":
+            assert p.value.targets[0].reason, "the pair failed without a reason"
+            return p.value.targets[0].reason
+        if p is not None and p.value.state.value == "split" and vol is not None and vol.value.state.value == "available":
+            return ""
+        time.sleep(0.2)
+    raise AssertionError(f"snapshot {sid} neither completed nor failed in {timeout:.0f}s: {pair(data, sid)}")
+
+
+def complete(c: Cluster, name: str, vid: str, timeout: float = 120) -> pb.Snapshot:
+    """CreateSnapshot, as the CO repeats it, until the snapshot is ready."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
             snap = c.ctl.CreateSnapshot(pb.CreateSnapshotRequest(name=name, source_volume_id=vid),
                                         timeout=60).snapshot
+            if snap.ready_to_use:
+                return snap
+            err = "not ready"
         except grpc.RpcError as e:
-            if e.code() is grpc.StatusCode.ABORTED:   # pending: ask again
-                time.sleep(0.3)
-                continue
-            return None, f"{e.code().name}: {e.details()}"
-        sid = snap.snapshot_id
-        if snap.ready_to_use:
-            return snap, ""
+            err = f"{e.code().name}: {e.details()}"
+        assert time.monotonic() < deadline, f"snapshot {name} was never made: {err}"
         time.sleep(0.3)
-    raise AssertionError(f"snapshot {name} neither completed nor failed in {timeout:.0f}s: {pair(data, sid)}")
 
 
 def restored_file(c: Cluster, sid: str, size: int, where: Path) -> bytes:
@@ -258,25 +285,31 @@ def restored_file(c: Cluster, sid: str, size: int, where: Path) -> bytes:
         c.ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=rid))
 
 
-@pytest.mark.parametrize("process,point", POINTS, ids=[f"{p}:{f}" for p, f in POINTS])
-def test_live_cut_survives_a_kill_at_each_step(process: str, point: str, xfs_mount: Path, ext4_mount: Path,
-                                               tmp_path: Path) -> None:
+@pytest.mark.parametrize("process,point,outcome,layout", CASES, ids=[f"{c[3]}:{c[0]}:{c[1]}" for c in CASES])
+def test_live_cut_survives_a_kill_at_each_step(process: str, point: str, outcome: str, layout: str,
+                                               xfs_mount: Path, ext4_mount: Path, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:8]
-    pools = {"fast": xfs_mount / f"lf-{tag}", "slow": ext4_mount / f"ls-{tag}"}
+    pools = {"slow": ext4_mount / f"ls-{tag}"}
+    if layout == "clone+host":
+        pools = {"fast": xfs_mount / f"lf-{tag}", **pools}
+    size = SIZES[layout]
+    cap = {"fast": 256 * MiB, "slow": 256 * MiB if layout == "clone+host" else 3 * size}
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"arrays": [
-        {"id": a, "kind": "file", "params": {"path": str(p), "capacity": str(256 * MiB)}} for a, p in pools.items()]}))
+        {"id": a, "kind": "file", "params": {"path": str(p), "capacity": str(cap[a])}}
+        for a, p in pools.items()]}))   # the source, its snapshot and a restore
     data = tmp_path / "data"
     data.mkdir()
     staging = tmp_path / "staging"
     name = "snap"
+    sid = volume_id_for(name, VolumeKind.SNAPSHOT)
     with ExitStack() as stack:
         stack.callback(_teardown_node, str(data / "node"), tmp_path)   # after the processes, if a check failed
         c = Cluster(stack, data, config)
         c.start("controller", point if process == "controller" else "")
         c.start("node", point if process in ("node", "daemon") else "")
         vid = c.ctl.CreateVolume(pb.CreateVolumeRequest(
-            name="src", capacity_range=pb.CapacityRange(required_bytes=320 * MiB),
+            name="src", capacity_range=pb.CapacityRange(required_bytes=size),
             volume_capabilities=[CAP])).volume.volume_id
         for lun in pools["slow"].joinpath("luns").glob("*.img"):   # data to copy (mkfs keeps most of it)
             with open(lun, "r+b") as f:
@@ -291,12 +324,12 @@ def test_live_cut_survives_a_kill_at_each_step(process: str, point: str, xfs_mou
             victim = c.procs.get(process)
             ctl = c.ctl
 
-            def first_attempt() -> None:
+            def attempt() -> None:
                 try:
                     ctl.CreateSnapshot(pb.CreateSnapshotRequest(name=name, source_volume_id=vid), timeout=60)
                 except grpc.RpcError:
                     pass   # the controller died under the call, or the cut failed
-            threading.Thread(target=first_attempt, daemon=True).start()
+            threading.Thread(target=attempt, daemon=True).start()
             deadline = time.monotonic() + 90
             if process == "daemon":
                 while alive(dpid):
@@ -309,12 +342,20 @@ def test_live_cut_survives_a_kill_at_each_step(process: str, point: str, xfs_mou
                 victim.wait(timeout=90)
                 assert victim.returncode == -signal.SIGKILL, f"failpoint {point} was not reached"
                 c.restart(process)
-            snap, failure = settle(c, data, name, vid)
-            print(f"{process}:{point}: {'completed' if snap else 'failed: ' + failure}")
+            failure = first_attempt(data, sid)
+            print(f"{layout}:{process}:{point}: {'failed: ' + failure if failure else 'completed'}")
             if process != "daemon":
                 w.wait(len(w.acked) + 20)   # the application writes on (nothing left held)
+            if failure:   # failed cleanly: nothing of its cut is left, even before anyone restages
+                deadline = time.monotonic() + 15
+                while (left := [x for x in leftovers(data) if "cuts/" in x or "mnt/cut-" in x]) \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.3)
+                assert not left, f"the failed attempt left {left}"
         finally:
             w.stop()
+        if outcome != "either":
+            assert ("failed" if failure else "completed") == outcome, f"the attempt {failure or 'completed'}"
         acked = w.acked
         assert len(acked) > 50
         if process == "daemon":   # a disk failure for the application: it stages the volume again
@@ -325,17 +366,10 @@ def test_live_cut_survives_a_kill_at_each_step(process: str, point: str, xfs_mou
         source = (staging / "seq.bin").read_bytes()
         assert prefix_length(source) >= acked[-1][0] + 1, \
             f"records up to {acked[-1][0]} were acknowledged; the source holds {prefix_length(source)}"
-        if snap is None:   # the attempt failed cleanly: nothing of its cut is left, and it can be made again
-            deadline = time.monotonic() + 15
-            while (left := [x for x in leftovers(data) if "cuts/" in x or "mnt/cut-" in x]) \
-                    and time.monotonic() < deadline:
-                time.sleep(0.3)
-            assert not left, f"the failed attempt left {left}"
-            snap, failure = settle(c, data, name, vid)
-            assert snap is not None, f"the snapshot could not be made again: {failure}"
+        snap = complete(c, name, vid)   # a failed attempt is made again
         p = pair(data, snap.snapshot_id)
         assert p is not None and p.fence.value == "released"
-        image = restored_file(c, snap.snapshot_id, 320 * MiB, tmp_path / "restored")
+        image = restored_file(c, snap.snapshot_id, size, tmp_path / "restored")
         n = prefix_length(image)
         tail = image[n * RECORD:]
         assert tail.count(0) == len(tail), f"the image holds a torn or foreign record after record {n}"

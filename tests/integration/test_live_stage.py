@@ -11,6 +11,7 @@ real plugin over gRPC on file pools on ext4 (every extent a host copy).
 """
 from __future__ import annotations
 
+import glob
 import os
 import time
 from collections.abc import Iterator
@@ -122,9 +123,10 @@ def write_at(path: Path, chunks: dict[int, bytes]) -> None:
 def leftovers(data_dir: Path) -> list[str]:
     """What a cut or a staged volume leaves on this node: cut stores, tracking bitmaps, views,
     volume workdirs, FUSE mounts, concatenation daemons and loop devices under `data_dir`."""
-    node = data_dir / "node"
-    out = [str(x) for x in node.rglob("cuts/*")] + [str(x) for x in node.rglob("tracking/*")]
-    out += [str(x) for x in (node / "volumes").glob("*")] if (node / "volumes").is_dir() else []
+    vols = str(data_dir / "node" / "volumes")
+    # glob.glob, not Path.glob: a mount point whose daemon just died answers ENOTCONN for a moment
+    out = sorted(glob.glob(f"{vols}/*/cuts/*") + glob.glob(f"{vols}/*/tracking/*") + glob.glob(f"{vols}/*/mnt/cut-*")
+                 + glob.glob(f"{vols}/*"))
     with open("/proc/self/mountinfo") as f:
         out += [f"mount {m}" for m in (line.split()[4] for line in f) if m.startswith(str(data_dir))]
     for pid in os.listdir("/proc"):
@@ -155,8 +157,8 @@ def wait_no_leftovers(data_dir: Path, timeout: float = 20) -> None:
 def wait_cuts_gone(data_dir: Path, timeout: float = 10) -> None:
     """The cuts' stores and views go once their copies end (the volume may stay staged)."""
     def cuts() -> list[str]:
-        return [str(x) for x in (data_dir / "node").rglob("cuts/*")] + \
-               [str(x) for x in (data_dir / "node").rglob("mnt/cut-*")]
+        vols = str(data_dir / "node" / "volumes")
+        return glob.glob(f"{vols}/*/cuts/*") + glob.glob(f"{vols}/*/mnt/cut-*")
     deadline = time.monotonic() + timeout
     while (left := cuts()) and time.monotonic() < deadline:
         time.sleep(0.3)
