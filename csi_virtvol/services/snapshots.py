@@ -10,8 +10,9 @@ source still while the image is cut.
 Order of work, each step idempotent so a restarted controller resumes it:
   1. record the target volume (state COPYING, extents with derived LUN names)
      and the pair (COPYING, per-extent rows);
-  2. fence the source: an unpublished source has its LUNs access-prohibited;
-     a published one is frozen by its node's plugin (pair fence protocol);
+  2. fence the source: an unpublished source has its LUNs access-prohibited (until a
+     publish hands it to a node, which cuts it before writing it: cut.publish_mid_copy);
+     a published one is cut live by its node's plugin (services/cut.py);
   3. make the target LUNs: internal clones (instant) and provisioned LUNs;
   4. run the host copies, checkpointing bytes done into the pair;
   5. lift the fence; the pair is SPLIT and the target AVAILABLE.
