@@ -280,6 +280,11 @@ class Stager:
             logger.warning("%s: cannot list its cuts (%s); unstaging it whole", rec.volume_id, e)
             return []
 
+    def reapable(self, volume_id: str) -> bool:
+        """A retired volume whose cuts have all ended (no lock: reap() checks again)."""
+        rec = self.get(volume_id)
+        return rec is not None and rec.phase == "retired" and not self._standing_cuts(rec)
+
     def reap(self, volume_id: str) -> bool:
         """Take apart a retired volume whose cuts have all ended; True once it is gone."""
         with self._locked(volume_id):

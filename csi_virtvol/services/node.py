@@ -119,8 +119,8 @@ class NodeService:
     def _reap(self) -> None:
         """Volumes unstaged while a cut stood: once their last cut ends, the rest goes."""
         for rec in self._stager.list_staged():
-            if rec.phase != "retired":
-                continue
+            if rec.phase != "retired" or not self._stager.reapable(rec.volume_id):
+                continue   # (looked at without the volume's lock, which CSI calls on it would meet)
             try:
                 with self._locks.hold(rec.volume_id):
                     if self._stager.reap(rec.volume_id):
