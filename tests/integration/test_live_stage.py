@@ -237,6 +237,8 @@ def test_a_pod_starting_mid_copy_of_an_unpublished_source_is_not_held_back(acces
     unpublish_and_unstage(p, vid, staging, target)
     p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     wait_no_leftovers(p.data_dir)
+    p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+    assert p.lun_files() == []
 
 
 def _published_source_with_a_cut(p: Plugin, staging: Path, target: Path) -> tuple[str, str, str, bytes]:
@@ -278,6 +280,7 @@ def test_unstaging_mid_copy_keeps_the_cut_until_the_copy_ends_then_all_goes(plug
     assert attached_users(p) == [], "the volume's LUNs stayed attached to the node"
     p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+    assert p.lun_files() == []
 
 
 def test_staging_again_mid_copy_continues_the_same_cut(plugin: Plugin, tmp_path: Path) -> None:
@@ -305,3 +308,4 @@ def test_staging_again_mid_copy_continues_the_same_cut(plugin: Plugin, tmp_path:
     assert attached_users(p) == []
     p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+    assert p.lun_files() == []
