@@ -195,18 +195,25 @@ def check(store: StateStore, pair_id: str) -> None:
 
 def publish_mid_copy(store: StateStore, source_id: str, *, node: str, readonly: bool) -> bool:
     """ControllerPublish of `source_id` to `node` while copies of it run: make each copy that
-    reads the LUNs directly (PROHIBITED) wait for a cut on `node` instead (CUT_ON_STAGE), so
-    the volume can be used at once.  Raises PreconditionFailed when a copy reads a frozen view
-    of it on another node (only that node may write it until the copy ends).  Returns whether
-    a copy read the LUNs directly (the caller then lets them be used)."""
-    converted = False
-    for rec in store.find(S.PAIRS, index="source", value=source_id):
-        p = rec.value
-        if p.state not in COPYING:
-            continue
-        if p.fence is Fence.PROHIBITED or (p.fence is Fence.CUT_ON_STAGE and p.fence_node != node):
-            if readonly:
-                continue  # a read-only publish writes nothing: the copy may go on reading the LUNs
+    reads the LUNs directly (PROHIBITED, or waiting for a cut on a node it was published to
+    before) wait for a cut on `node` instead (CUT_ON_STAGE), so the volume can be used at once.
+    Raises PreconditionFailed, changing nothing, when a copy reads a frozen view of it on
+    another node (only that node may write it until the copy ends).  Returns whether a copy now
+    waits for `node` to cut it (the caller then lets the LUNs be used)."""
+    pairs = [r.value for r in store.find(S.PAIRS, index="source", value=source_id) if r.value.state in COPYING]
+    if readonly:
+        return False   # a read-only publish writes nothing: the copies may go on reading the LUNs
+    for p in pairs:
+        if p.fence in (Fence.CUT_REQUESTED, Fence.CUT_HELD, Fence.CUT, Fence.FREEZE_REQUESTED, Fence.FROZEN) \
+                and p.fence_node and p.fence_node != node:
+            raise errors.PreconditionFailed(
+                f"the copy of {source_id} into {p.targets[0].volume} reads its image on node {p.fence_node}: "
+                f"it can be published to {p.fence_node} now, to another node when that copy ends")
+    waiting = False
+    for p in pairs:
+        if p.fence is Fence.CUT_ON_STAGE and p.fence_node == node:
+            waiting = True
+        elif p.fence in (Fence.PROHIBITED, Fence.CUT_ON_STAGE):
             cut_id = new_cut_id(p.id)
 
             def convert(q: Pair, cut_id: str = cut_id) -> Pair:
@@ -215,16 +222,10 @@ def publish_mid_copy(store: StateStore, source_id: str, *, node: str, readonly: 
                 return dataclasses.replace(q, fence=Fence.CUT_ON_STAGE, fence_node=node, cut_id=cut_id,
                                            cut_hold=True, cut_view="", cut_time=0.0, cut_changed="",
                                            fence_message="")
-            _update(store, p.id, convert)
-            converted = converted or p.fence is Fence.PROHIBITED
+            waiting = _update(store, p.id, convert).fence is Fence.CUT_ON_STAGE or waiting
             log.info("pair %s: %s published to %s mid-copy; the node cuts it when it stages it",
                      p.id, source_id, node)
-        elif p.fence in (*LIVE, Fence.FREEZE_REQUESTED, Fence.FROZEN) and p.fence_node and p.fence_node != node \
-                and not readonly:
-            raise errors.PreconditionFailed(
-                f"the copy of {source_id} into {p.targets[0].volume} reads its image on node {p.fence_node}: "
-                f"it can be published to {p.fence_node} now, to another node when that copy ends")
-    return converted
+    return waiting
 
 
 def awaits_switch(pair: Pair) -> bool:
