@@ -309,3 +309,44 @@ def test_staging_again_mid_copy_continues_the_same_cut(plugin: Plugin, tmp_path:
     p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
     assert p.lun_files() == []
+
+
+def test_a_pod_that_moves_to_another_node_before_it_stages_gets_the_cut_there(plugin: Plugin) -> None:
+    """Published mid-copy to one node, unpublished before that node staged it, published to
+    another: the cut goes to the node that stages it, never to none (its writes would reach
+    LUNs the copy still reads)."""
+    p = plugin
+    cap = block_cap()
+    staging, target = p.data_dir.parent / "staging", p.data_dir.parent / "target"
+    vid = p.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=unique(), capacity_range=pb.CapacityRange(required_bytes=SIZE), volume_capabilities=[cap])).volume.volume_id
+    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+        rec = st.get(S.VOLUMES, vid)
+        assert rec is not None
+    for e in rec.value.extents:
+        with open(p.pools[e.array] / "luns" / f"{e.lun}.img", "r+b") as f:
+            f.seek(e.offset)
+            f.write(os.urandom(e.length))
+    before = volume_bytes(p, vid)
+    slow_copies(p, vid)
+    name = unique("snap")
+    sid = p.controller.CreateSnapshot(pb.CreateSnapshotRequest(name=name, source_volume_id=vid)).snapshot.snapshot_id
+    wait_copy_started(p, sid)
+    with node_plugin(p, "other-node"):
+        p.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id="other-node", volume_capability=cap))
+        assert pair_of(p, sid).fence_node == "other-node"
+        p.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=vid,
+                                                                                   node_id="other-node"))
+    publish_and_stage(p, vid, cap, staging, target)
+    write_at(target, {0: os.urandom(4 * MiB)})
+    assert copying(p, sid), "the copy ended before the pod wrote: nothing was tested"
+    pair = pair_of(p, sid)
+    assert pair.fence.value == "cut" and pair.fence_node == NODE_ID
+    snap = wait_ready(p, name, vid)
+    assert volume_bytes(p, snap.snapshot_id, SIZE) == before, "the pod's writes reached the snapshot"
+    unpublish_and_unstage(p, vid, staging, target)
+    p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+    wait_no_leftovers(p.data_dir)
+    assert p.lun_files() == []
