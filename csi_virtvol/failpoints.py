@@ -2,14 +2,15 @@
 
 `VIRTVOL_FAILPOINTS=name[,name...]` makes the process SIGKILL itself when it
 reaches one of those points, exactly as a power cut or OOM kill would stop it
-there.  `name=error` instead raises a BackendError there, as a failing array or
-host tool would, so the caller's undo path runs.  Unset (always, in production)
-each call is one dict look-up.
-
-It sits below every layer (it needs only `errors`), so that the copy a copy pod
-runs (copy/) has failure points as well as the controller's services: the
-crash and retry matrix (tests/kube/test_copy_matrix.py) kills or fails a copy
-pod at a step the same way it kills the controller.
+there.  Every layer may name points (so this module sits below all of them, and
+needs only `errors`): the controller's copy and cut steps (copy-*, cut-*), the
+copy a copy pod runs (copier-*: the crash and retry matrix of
+tests/kube/test_copy_matrix.py kills or fails a copy pod the way it kills the
+controller), the node plugin's side of a cut (cut-node-*) and the concatenation
+daemon (daemon-*), which inherits the plugin's environment.  `name=error` instead
+raises a BackendError there, as a failing array or host tool would, so the
+caller's undo path runs.  Unset (always, in production) each call is one dict
+look-up.
 """
 from __future__ import annotations
 

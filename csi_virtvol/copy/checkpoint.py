@@ -50,10 +50,17 @@ def resume_offset(data: Mapping[str, Any] | None, *, where: Mapping[str, Any], c
     `where` is what the copy copies (paths, offsets, length): a checkpoint of
     another range is a mistake in the caller's arguments and is refused.  A
     checkpoint of the same range but another identity is a previous attempt's:
-    it is ignored (0), and the copy's first checkpoint replaces it."""
+    it is ignored (0), and the copy's first checkpoint replaces it.
+
+    With an identity, where the source is read from (`src`, `src_offset`) is not
+    compared: the identity names the image, and one image may be read through
+    several paths (a source's LUNs, then the view of a cut its node made before
+    anything wrote them, services/cut.publish_mid_copy)."""
     if data is None:
         return 0
     for k, v in where.items():
+        if checkpoint_id and k in ("src", "src_offset"):
+            continue
         if data.get(k) != v:
             raise errors.InvalidRequest(
                 f"progress file {path} is for another copy ({k}={data.get(k)!r}, not {v!r})")

@@ -93,6 +93,11 @@ class CopyRunner(Protocol):
 
     def poll(self, job: str) -> JobStatus: ...
 
+    def stop(self, job: str) -> None:
+        """Stop the copy but keep its checkpoint: start() resumes it (possibly reading another
+        source path: the same image, e.g. a cut's view of the LUNs it read).  Stopping what is
+        not running is fine."""
+
     def cancel(self, job: str) -> None:
         """Stop the copy and forget it; stopping what is not running is fine."""
 
@@ -168,11 +173,14 @@ class LocalCopyRunner:
         except (OSError, IndexError):
             return ""
 
-    def cancel(self, job: str) -> None:
+    def stop(self, job: str) -> None:
         proc = self._procs.pop(job, None)
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+    def cancel(self, job: str) -> None:
+        self.stop(job)
         for path in (self._progress(job), self._log(job)):
             try:
                 os.unlink(path)

@@ -177,6 +177,24 @@ class JobCopyRunner:
         self._tail[job] = (now, done)
         return done
 
+    def stop(self, job: str, *, timeout: float = 60.0) -> None:
+        """Delete the Job (its checkpoint is on the node's state_dir, so start() resumes) and
+        wait until none of its pods runs: a pod in its grace period still reads the source."""
+        name = self._name(job)
+        self.cancel(job)
+        pods = self._runner.pods
+        deadline = time.monotonic() + timeout
+        while pods is not None and time.monotonic() < deadline:
+            live = [p for p in pods.items()
+                    if ((p.get("metadata") or {}).get("labels") or {}).get(jobs.JOB_NAME_LABEL) == name
+                    and (p.get("status") or {}).get("phase") in ("Pending", "Running", None)
+                    and jobs.pod_exit(p) is None]
+            if not live:
+                return
+            pods.wait_changed(0.5)
+        if pods is not None:
+            log.warning("copy %s: its pod still runs %.0fs after its Job was deleted", job, timeout)
+
     def cancel(self, job: str) -> None:
         self._runner.delete(self._name(job))
         self._want.pop(job, None)

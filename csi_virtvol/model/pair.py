@@ -73,6 +73,11 @@ class Fence(enum.Enum):
     `cut_id` and answers with its frozen view (`cut_view`); CUT_HELD keeps the writes held
     until the controller says CUT (clones, or other volumes, cut at the same instant).
     A node that cannot cut answers FROZEN instead (the FREEZE protocol).
+    PROHIBITED -> CUT_ON_STAGE -> CUT_HELD -> CUT -> RELEASED: a source published while a
+    copy reads its LUNs (ControllerPublish does not wait for the copy): `fence_node` cuts it
+    when it stages it, before anything writes it, and answers CUT_HELD with the view, which is
+    then the untouched source; the controller moves the copy onto the view and answers CUT,
+    and only then does the node let the volume be used.
     """
 
     NONE = "none"
@@ -84,6 +89,7 @@ class Fence(enum.Enum):
     CUT_REQUESTED = "cut-requested"
     CUT_HELD = "cut-held"
     CUT = "cut"
+    CUT_ON_STAGE = "cut-on-stage"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

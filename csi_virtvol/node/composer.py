@@ -57,6 +57,14 @@ class Settles(Protocol):
         ...
 
 
+@runtime_checkable
+class Retirable(Protocol):
+    """A composition that can take a volume's device away while its cuts (node/cut.py) stand,
+    so an unstage does not end the cut a copy still reads; teardown() ends the rest."""
+
+    def retire(self, *, workdir: str, name: str) -> None: ...
+
+
 def _has_dm() -> bool:
     """Whether the kernel answers on /dev/mapper/control: the node may exist (dmsetup makes
     it) where the kernel has no device-mapper, and then opening it fails with ENODEV."""

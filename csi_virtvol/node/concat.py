@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 
 from csi_virtvol import errors
-from csi_virtvol.node import devices, fs, layout
+from csi_virtvol.node import cow, devices, fs, layout
 from csi_virtvol.node.cut import Changed, CutView
 from csi_virtvol.node.layout import BackingExtent
 
@@ -178,7 +178,9 @@ class FuseComposer:
     def _ctl(self, workdir: str, name: str, req: dict[str, object]) -> dict[str, object]:
         mnt = _paths(workdir)[3]
         if daemon_pid(workdir) is None or not _serving(mnt):
-            raise errors.PreconditionFailed(f"the concatenation daemon of {name} is not running")
+            raise errors.PreconditionFailed(
+                f"the concatenation daemon of {name} is not running (it died or was killed): the volume's "
+                "device on this node is broken until it is staged again, and its cuts are lost")
         try:
             fd = os.open(os.path.join(mnt, layout.CONCAT_CTL_NAME), os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -194,8 +196,15 @@ class FuseComposer:
         except OSError as e:
             raise errors.BackendError(f"the daemon of {name} failed {req.get('op')}: {e}") from e
         finally:
-            os.close(fd)
-        answer = json.loads(out)
+            try:
+                os.close(fd)
+            except OSError as e:   # the daemon died meanwhile (ENOTCONN)
+                logger.warning("closing the control file of %s: %s", name, e)
+        try:
+            answer = json.loads(out)
+        except ValueError as e:
+            raise errors.BackendError(f"the daemon of {name} gave no answer to {req.get('op')} "
+                                      f"({out[:80]!r}): did it die?") from e
         if not isinstance(answer, dict):
             raise errors.BackendError(f"the daemon of {name} answered {answer!r}")
         if "error" in answer:
@@ -229,6 +238,9 @@ class FuseComposer:
         return self._view(workdir, self._ctl(workdir, name, {"op": "status", "id": cut_id}))
 
     def end_cut(self, *, workdir: str, name: str, cut_id: str) -> None:
+        if daemon_pid(workdir) is None:  # nobody serves the cut: its store is only files now
+            cow.remove_cut(workdir, cut_id)
+            return
         self._ctl(workdir, name, {"op": "end", "id": cut_id})
 
     def changed(self, *, workdir: str, name: str, since: str) -> Changed:
@@ -237,11 +249,32 @@ class FuseComposer:
                        bits=base64.b64decode(str(a["bits"])))
 
     def drop_tracking(self, *, workdir: str, name: str, since: str) -> None:
+        if daemon_pid(workdir) is None:
+            cow.remove_tracking(workdir, since)
+            return
         self._ctl(workdir, name, {"op": "untrack", "id": since})
 
     def cuts(self, *, workdir: str, name: str) -> tuple[list[str], list[str]]:
+        if daemon_pid(workdir) is None:  # a dead daemon's cuts are still on disk, to be ended
+            cow.remove_unfinished(workdir)
+            return cow.list_cuts(workdir), cow.list_tracking(workdir)
         a = self._ctl(workdir, name, {"op": "list"})
         return [str(c) for c in a["cuts"]], [str(t) for t in a["tracking"]]  # type: ignore[attr-defined]
+
+    def retire(self, *, workdir: str, name: str) -> None:
+        """Unstaged while a cut stands: take the device away (nothing writes the volume here
+        any more) but keep the daemon serving the cut's view to the copy; teardown() later."""
+        _, _, _, _, file = _paths(workdir)
+        for lo in devices.find_all(file):
+            devices.detach(lo.name)
+        orphan = _recorded_loop(workdir)
+        if orphan is not None and devices.backing_file(orphan) == "/" + layout.CONCAT_FILE_NAME:
+            devices.detach(orphan)
+        try:
+            os.unlink(os.path.join(workdir, "loop.json"))
+        except FileNotFoundError:
+            pass
+        logger.info("%s: device taken away; the daemon stays for its cuts", name)
 
     # -- the daemon ----------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 import mfusepy
 
 from csi_virtvol import errors as errors_
+from csi_virtvol import failpoints
 from csi_virtvol.node import cow, layout
 
 logger = logging.getLogger(__name__)
@@ -94,16 +94,20 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
         self._ctl_lock = threading.Lock()     # one control command at a time
         self._replies: dict[int, bytes] = {}
         self._handles = itertools.count(1)
+        self._broken: set[str] = set()        # cut directories found unreadable at start
         self.reload(table)
         if workdir is not None:
             self._load_cuts(workdir)
 
     def _load_cuts(self, workdir: str) -> None:
+        cow.remove_unfinished(workdir)  # a cut made halfway when the last daemon died: never answered
         for cut_id in cow.list_cuts(workdir):
             try:
                 self._cuts = {**self._cuts, cut_id: cow.CowStore(cow.cut_dir(workdir, cut_id))}
             except (OSError, ValueError, KeyError) as e:
+                # listed (so the node plugin ends it) but never served: its view would be wrong
                 logger.error("cut %s cannot be loaded (%s); its view will not be served", cut_id, e)
+                self._broken.add(cut_id)
         for cut_id in cow.list_tracking(workdir):
             self._tracks = {**self._tracks,
                             cut_id: cow.Bitmap(cow.bitmap_path(workdir, cut_id), size=self.size)}
@@ -302,6 +306,7 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
                 if cut_id not in self._cuts:
                     self._hold()
                     try:
+                        failpoints.hit("daemon-cut-held")
                         t0 = time.monotonic()
                         store = cow.CowStore.create(self._workdir, cut_id=cut_id, size=self.size, limit=limit,
                                                     at=time.time())
@@ -316,6 +321,7 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
                     except BaseException:
                         self._release_hold()
                         raise
+                    failpoints.hit("daemon-cut-made")
                     logger.info("cut %s made in %.1f ms (%d bytes, store up to %d bytes)", cut_id,
                                 (time.monotonic() - t0) * 1000, self.size, limit)
                     if req.get("hold"):
@@ -336,10 +342,12 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
                 with self._cow_lock:
                     ending = self._cuts.get(cut_id)
                     self._cuts = {k: v for k, v in self._cuts.items() if k != cut_id}
+                failpoints.hit("daemon-cut-ending")
                 if ending is not None:
                     ending.remove()
                 else:
-                    shutil.rmtree(cow.cut_dir(self._workdir, cut_id), ignore_errors=True)
+                    cow.remove_cut(self._workdir, cut_id)
+                self._broken.discard(cut_id)
                 return {}
             if op == "untrack":
                 cut_id = cow.check_cut_id(str(req["id"]))
@@ -357,7 +365,7 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
                 return {"chunk": cow.CHUNK, "size": self.size,
                         "bits": base64.b64encode(tracked.bits()).decode()}
             if op == "list":
-                return {"cuts": sorted(self._cuts), "tracking": sorted(self._tracks)}
+                return {"cuts": sorted({*self._cuts, *self._broken}), "tracking": sorted(self._tracks)}
             raise ValueError(f"unknown control command {op!r}")
 
     def _status(self, cut_id: str) -> dict[str, Any]:
@@ -420,6 +428,7 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
         if path == _CTL_PATH:
             return self._replies.get(fh.fh, b"")[offset:offset + size]
         if path != _FILE_PATH:
+            failpoints.hit("daemon-view-read")
             return self._read_cut(self._cut_of(path), size, offset)
         lay = self._layout
         if offset >= lay.size:
@@ -449,6 +458,7 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
             if self._cuts and self._needs_preserving(offset, end):
                 with self._cow_lock:
                     self._preserve(lay, offset, end)
+                    failpoints.hit("daemon-preserved")  # the old data is durable; the write not yet made
                     return self._write_live(lay, data, offset)
             return self._write_live(lay, data, offset)
         finally:

@@ -79,6 +79,31 @@ def list_tracking(workdir: str) -> list[str]:
     return sorted(n[: -len(".bitmap")] for n in names if n.endswith(".bitmap"))
 
 
+def remove_cut(workdir: str, cut_id: str) -> None:
+    """Drop a cut's directory (its store) from disk; what is gone is fine.  Only for a cut no
+    daemon serves: one the daemon serves goes through its `end` command."""
+    shutil.rmtree(cut_dir(workdir, cut_id), ignore_errors=True)
+
+
+def remove_tracking(workdir: str, cut_id: str) -> None:
+    try:
+        os.unlink(bitmap_path(workdir, cut_id))
+    except FileNotFoundError:
+        pass
+
+
+def remove_unfinished(workdir: str) -> None:
+    """Drop the `<cut id>.tmp` directories of cuts a dead daemon was making: a cut is made
+    whole (renamed into place) before the daemon answers, so nobody knows these."""
+    try:
+        names = os.listdir(os.path.join(workdir, "cuts"))
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n.endswith(".tmp"):
+            shutil.rmtree(os.path.join(workdir, "cuts", n), ignore_errors=True)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CutMeta:
     id: str

@@ -65,7 +65,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -74,7 +73,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from csi_virtvol import errors
+from csi_virtvol import errors, failpoints
 from csi_virtvol.node import commands, cow, devices, dm, dmioctl, fs, layout
 from csi_virtvol.node.cut import CHUNK, Changed, CutView
 from csi_virtvol.node.layout import SECTOR, BackingExtent
@@ -324,16 +323,6 @@ def _locked(workdir: str) -> Iterator[None]:
         lock = _locks.setdefault(workdir, threading.RLock())
     with lock:
         yield
-
-
-def _failpoint(name: str) -> None:
-    """VIRTVOL_FAILPOINTS=dmcut-...: SIGKILL this process here (services/failpoints.py's
-    convention; the node layer cannot import services)."""
-    armed = os.environ.get("VIRTVOL_FAILPOINTS", "")
-    if armed and name in armed.split(","):
-        logger.warning("failpoint %s: killing this process", name)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- dm helpers --------------------------------------------------------------------------------
@@ -607,13 +596,13 @@ class DmCutComposer(dm.DmComposer):
         try:
             _sparse(_meta_path(workdir), msize)
             meta = devices.attach(_meta_path(workdir), direct_io=True)
-            _failpoint("dmcut-stack-meta")
+            failpoints.hit("dmcut-stack-meta")
             _create(n.real, self._plain_table(workdir))
             real = dmioctl.info(n.real)
             if real is None:
                 raise errors.BackendError(f"{n.real} vanished as it was made")
             _create(n.era, era_table(size, dm.majmin(meta), real.majmin))
-            _failpoint("dmcut-stack-era")
+            failpoints.hit("dmcut-stack-era")
         except Exception:
             self._collapse(workdir, n, st)
             raise
@@ -625,7 +614,7 @@ class DmCutComposer(dm.DmComposer):
              since: str) -> CutView:
         rec = CutRec(id=cut_id, phase="making", limit=limit, size=_volume_size(n))
         st = _save(workdir, st.with_cut(rec))
-        _failpoint("dmcut-cut-recorded")
+        failpoints.hit("dmcut-cut-recorded")
         try:
             return self._make_cut(workdir, n, st, rec, hold=hold, since=since)
         except Exception:
@@ -660,17 +649,17 @@ class DmCutComposer(dm.DmComposer):
         swap = self._kind(n) != "origin"
         if swap:
             _load(n.top, origin_table(size, era_dev.majmin))
-        _failpoint("dmcut-loaded")
+        failpoints.hit("dmcut-loaded")
         _presync(dmioctl.info(n.top))
         already = workdir in _held   # this process holds base suspended for another cut: same instant
         t0 = time.monotonic()
         try:
             if not already:
                 dmioctl.suspend(n.top, lockfs=True)
-            _failpoint("dmcut-suspended")
+            failpoints.hit("dmcut-suspended")
             dmioctl.resume(view)
             at = time.time()
-            _failpoint("dmcut-activated")
+            failpoints.hit("dmcut-activated")
             if not hold and not already:
                 dmioctl.resume(n.top)
         except BaseException:
@@ -683,7 +672,7 @@ class DmCutComposer(dm.DmComposer):
         st = _save(workdir, dataclasses.replace(st.with_cut(rec), tracking={**st.tracking, cut_id: era}))
         logger.info("%s: cut %s with the writes held %.1f ms (era %d, store up to %d MiB)%s", n.top, cut_id,
                     held_ms, era, rec.limit >> 20, "; they stay held" if hold else "")
-        _failpoint("dmcut-made")
+        failpoints.hit("dmcut-made")
         if since and since in st.tracking and since != cut_id:
             bits = self._written_since(workdir, n, st.tracking[since], size)
             cow.write_file(_changed_path(workdir, cut_id), bits)
@@ -740,7 +729,7 @@ class DmCutComposer(dm.DmComposer):
         """Drop a cut's view and store; its tracking stays."""
         rec = st.cuts[cut_id]
         st = _save(workdir, st.with_cut(dataclasses.replace(rec, phase="ending", held=False)))
-        _failpoint("dmcut-ending")
+        failpoints.hit("dmcut-ending")
         # The view goes before base stops being its origin: a reader never sees it thaw.
         _remove(n.cut(cut_id), force=True)
         store = devices.find(_cow_path(workdir, cut_id))
@@ -839,7 +828,7 @@ class DmCutComposer(dm.DmComposer):
     def _collapse(self, workdir: str, n: Names, st: State) -> None:
         if st.era is not None:
             st = _save(workdir, dataclasses.replace(st, era=dataclasses.replace(st.era, phase="removing")))
-        _failpoint("dmcut-collapse")
+        failpoints.hit("dmcut-collapse")
         if dmioctl.info(n.top) is not None and self._kind(n) != "plain":
             self._swap_top(workdir, n, "plain")
         for dev in _ours(n):
@@ -883,10 +872,10 @@ class DmCutComposer(dm.DmComposer):
         kind = self._kind(n)
         _load(n.top, {"origin": origin_table(size, era.majmin), "era": linear_over(size, era.majmin),
                       "plain": table}[kind])
-        _failpoint("dmcut-grow-loaded")
+        failpoints.hit("dmcut-grow-loaded")
         for dev in (n.top, n.era, n.real):   # top down: nothing is written below a suspended device
             dmioctl.suspend(dev, lockfs=False)
-        _failpoint("dmcut-grow-suspended")
+        failpoints.hit("dmcut-grow-suspended")
         for dev in (n.real, n.era, n.top):   # bottom up
             dmioctl.resume(dev)
         logger.info("%s: grown to %d bytes with its change tracking", n.top, size)

@@ -25,12 +25,12 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from csi_virtvol import errors
+from csi_virtvol import errors, failpoints
 from csi_virtvol.model import codec
 from csi_virtvol.model.capability import Publication
 from csi_virtvol.node import composer as composing
@@ -42,7 +42,9 @@ from csi_virtvol.node.layout import BackingExtent
 logger = logging.getLogger(__name__)
 
 Access = Literal["block", "mount"]
-Phase = Literal["staging", "staged"]
+Phase = Literal["staging", "staged", "retired"]
+# "retired": unstaged while a cut of it stands (a copy reads its frozen view): no mount and no
+# device any more, but the composition keeps serving the view until the last cut ends (reap()).
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,7 +188,10 @@ class Stager:
         mount_flags: Sequence[str] = (),
         readonly: bool = False,
         mount_group: str = "",
+        before_use: Callable[[], None] | None = None,
     ) -> StagedVolume:
+        """`before_use` runs once the device is assembled and before anything writes it (no
+        filesystem made or mounted yet): the moment to cut a volume a copy reads (cut_staging)."""
         if not volume_id:
             raise errors.InvalidRequest("volume id missing")
         if not staging_path:
@@ -213,9 +218,9 @@ class Stager:
                     raise errors.AlreadyExists(
                         f"volume {volume_id} is staged at {old.staging_path}, not {staging_path}"
                     )
-                if old.access != access or old.readonly != readonly or (
+                if old.readonly != readonly or old.phase != "retired" and (old.access != access or (
                     access == "mount" and old.fs_type != fs_type and old.phase == "staged"
-                ):
+                )):  # a retired volume has no device or mount left to disagree with
                     raise errors.AlreadyExists(
                         f"volume {volume_id} is staged with other capabilities "
                         f"({old.access}, {old.fs_type or '-'}, readonly={old.readonly})"
@@ -243,6 +248,8 @@ class Stager:
             )
             rec = replace(rec, device=device)
             self._save(rec)
+            if before_use is not None:
+                before_use()
             if access == "mount":
                 if readonly:
                     found = fs.probe(device)
@@ -270,8 +277,11 @@ class Stager:
                         volume_id, device, staging_path, access, rec.size)
             return rec
 
-    def unstage(self, volume_id: str, staging_path: str) -> None:
-        """Unmount, take the device apart, forget the volume.  Missing = done."""
+    def unstage(self, volume_id: str, staging_path: str, *, keep_cuts: bool = True) -> None:
+        """Unmount, take the device apart, forget the volume.  Missing = done.  While a cut
+        of the volume stands (a copy reads its frozen view), only the mount and the device go:
+        the volume is "retired" and reap() takes the rest once the last cut ends (unless
+        `keep_cuts` is False: then the cuts go too, and their copies fail)."""
         if not volume_id:
             raise errors.InvalidRequest("volume id missing")
         if not staging_path:
@@ -285,18 +295,61 @@ class Stager:
             fs.unmount(staging_path)
             if rec is not None and rec.staging_path != staging_path:
                 fs.unmount(rec.staging_path)
-            if rec is not None or os.path.isdir(workdir):
-                composer = self._composer
-                if rec is not None and rec.composer != self._kind:
-                    composer = composing.make(rec.composer)  # type: ignore[arg-type]
-                if rec is not None and rec.device:
+            # a composition that can keep a volume's cuts without its device keeps them for the
+            # copies that read them; any other ends them here (their copies fail cleanly)
+            if (rec is not None and keep_cuts and isinstance(self._composer, composing.Retirable)
+                    and self._standing_cuts(rec)):
+                if rec.device:
                     for lo in devices.find_all(rec.device):  # read-only publish loops
                         devices.detach(lo.name)
-                composer.teardown(workdir=workdir, name=volume_id)
-                if fs.mount_info(os.path.join(workdir, "mnt")) is not None:
-                    raise errors.BackendError(f"{workdir}/mnt is still mounted")
-                shutil.rmtree(workdir, ignore_errors=True)
+                self._composer.retire(workdir=workdir, name=volume_id)
+                self._clear_hold(volume_id)
+                self._save(replace(rec, phase="retired", device=""))
+                logger.info("unstaged %s from %s; its composition stays for the cuts a copy reads",
+                            volume_id, staging_path)
+                return
+            self._teardown(volume_id, rec)
             logger.info("unstaged %s from %s", volume_id, staging_path)
+
+    def _standing_cuts(self, rec: StagedVolume) -> list[str]:
+        if not isinstance(self._composer, CutCapable) or rec.composer != self._kind:
+            return []
+        try:
+            return self._composer.cuts(workdir=self._workdir(rec.volume_id), name=rec.volume_id)[0]
+        except errors.VirtvolError as e:
+            logger.warning("%s: cannot list its cuts (%s); unstaging it whole", rec.volume_id, e)
+            return []
+
+    def reapable(self, volume_id: str) -> bool:
+        """A retired volume whose cuts have all ended (no lock: reap() checks again)."""
+        rec = self.get(volume_id)
+        return rec is not None and rec.phase == "retired" and not self._standing_cuts(rec)
+
+    def reap(self, volume_id: str) -> bool:
+        """Take apart a retired volume whose cuts have all ended; True once it is gone."""
+        with self._locked(volume_id):
+            rec = self.get(volume_id)
+            if rec is None:
+                return True
+            if rec.phase != "retired" or self._standing_cuts(rec):
+                return False
+            self._teardown(volume_id, rec)
+            logger.info("%s: its last cut ended; its composition is gone", volume_id)
+            return True
+
+    def _teardown(self, volume_id: str, rec: StagedVolume | None) -> None:
+        workdir = self._workdir(volume_id)
+        if rec is not None or os.path.isdir(workdir):
+            composer = self._composer
+            if rec is not None and rec.composer != self._kind:
+                composer = composing.make(rec.composer)  # type: ignore[arg-type]
+            if rec is not None and rec.device:
+                for lo in devices.find_all(rec.device):  # read-only publish loops
+                    devices.detach(lo.name)
+            composer.teardown(workdir=workdir, name=volume_id)
+            if fs.mount_info(os.path.join(workdir, "mnt")) is not None:
+                raise errors.BackendError(f"{workdir}/mnt is still mounted")
+            shutil.rmtree(workdir, ignore_errors=True)
 
     # -- expand ------------------------------------------------------------------------------
 
@@ -307,7 +360,7 @@ class Stager:
         layout.validate(new)
         with self._locked(volume_id):
             rec = self.get(volume_id)
-            if rec is None:
+            if rec is None or rec.phase == "retired":
                 raise errors.NotFound(f"volume {volume_id} is not staged on this node")
             if new != rec.extents and not layout.is_extension(rec.extents, new):
                 raise errors.InvalidRequest(
@@ -434,9 +487,10 @@ class Stager:
     def can_cut(self) -> bool:
         return isinstance(self._composer, CutCapable)
 
-    def _cutter(self, volume_id: str) -> tuple[StagedVolume, CutCapable, str]:
+    def _cutter(self, volume_id: str, *, phases: tuple[Phase, ...] = ("staging", "staged", "retired")
+                ) -> tuple[StagedVolume, CutCapable, str]:
         rec = self.get(volume_id)
-        if rec is None or rec.phase != "staged":
+        if rec is None or rec.phase not in phases:
             raise errors.NotFound(f"volume {volume_id} is not staged on this node")
         if not isinstance(self._composer, CutCapable) or rec.composer != self._kind:
             raise errors.UnsupportedCapability(f"the {rec.composer} composition of {volume_id} cannot cut")
@@ -446,22 +500,39 @@ class Stager:
                   since: str = "") -> CutView:
         """Cut the volume's image at this instant.  A mounted filesystem is frozen (its
         acknowledged writes flushed, new ones held) only around the composition's cut.  With
-        `hold`, the writes stay held until release_cut (a cut of several volumes)."""
-        rec, cutter, workdir = self._cutter(volume_id)
-        frozen = False
-        if rec.access == "mount" and not rec.readonly and not getattr(cutter, "freezes_filesystem", False):
-            commands.run(["fsfreeze", "--freeze", rec.staging_path])
-            frozen = True
-        try:
-            view = cutter.begin_cut(workdir=workdir, name=volume_id, cut_id=cut_id,
-                                    store_limit=store_limit, hold=hold, since=since)
-        except BaseException:
-            if frozen:
-                self._thaw(rec.staging_path)
-            raise
-        if frozen and not hold:
-            self._thaw(rec.staging_path)
-        return view
+        `hold`, the writes stay held until release_cut (a cut of several volumes).
+
+        A marker in the workdir says the writes are held, so a plugin killed meanwhile lets
+        them go when it starts again (release_leftover_holds)."""
+        with self._locked(volume_id):
+            rec, cutter, workdir = self._cutter(volume_id, phases=("staged",))
+            frozen = False
+            self._mark_hold(rec)
+            if rec.access == "mount" and not rec.readonly and not getattr(cutter, "freezes_filesystem", False):
+                commands.run(["fsfreeze", "--freeze", rec.staging_path])
+                frozen = True
+            try:
+                failpoints.hit("cut-node-frozen")
+                view = cutter.begin_cut(workdir=workdir, name=volume_id, cut_id=cut_id,
+                                        store_limit=store_limit, hold=hold, since=since)
+                failpoints.hit("cut-node-made")
+            except BaseException:
+                if frozen:
+                    self._thaw(rec.staging_path)
+                self._clear_hold(volume_id)
+                raise
+            if not hold:
+                if frozen:
+                    self._thaw(rec.staging_path)
+                self._clear_hold(volume_id)
+            return view
+
+    def cut_staging(self, volume_id: str, cut_id: str, *, store_limit: int) -> CutView:
+        """Cut a volume being staged, from stage()'s `before_use`: nothing has written its
+        device yet, so nothing is frozen, and the cut's view is the volume as it was."""
+        _, cutter, workdir = self._cutter(volume_id, phases=("staging",))
+        return cutter.begin_cut(workdir=workdir, name=volume_id, cut_id=cut_id, store_limit=store_limit,
+                                hold=False)
 
     def release_cut(self, volume_id: str) -> None:
         """Let the writes a held cut keeps waiting go (idempotent)."""
@@ -469,8 +540,43 @@ class Stager:
         try:
             cutter.release(workdir=workdir, name=volume_id)
         finally:
-            if rec.access == "mount" and not rec.readonly:
+            if rec.access == "mount" and not rec.readonly and rec.phase == "staged":
                 self._thaw(rec.staging_path)
+            self._clear_hold(volume_id)
+
+    def release_leftover_holds(self) -> list[str]:
+        """At start-up: let go the writes a killed plugin left held (its filesystem frozen, or
+        the daemon holding), since no cut of this process holds them.  Returns the volumes."""
+        out = []
+        for rec in self.list_staged():
+            if not os.path.exists(self._hold_marker(rec.volume_id)):
+                continue
+            logger.warning("%s: its writes were left held by a plugin that died; letting them go",
+                           rec.volume_id)
+            try:
+                if rec.phase == "staged" and isinstance(self._composer, CutCapable):
+                    self.release_cut(rec.volume_id)
+                else:
+                    if rec.access == "mount" and not rec.readonly and fs.is_mounted(rec.staging_path):
+                        self._thaw(rec.staging_path)
+                    self._clear_hold(rec.volume_id)
+            except errors.VirtvolError as e:
+                logger.error("%s: could not let its writes go: %s", rec.volume_id, e)
+                continue
+            out.append(rec.volume_id)
+        return out
+
+    def _hold_marker(self, volume_id: str) -> str:
+        return os.path.join(self._workdir(volume_id), "held")
+
+    def _mark_hold(self, rec: StagedVolume) -> None:
+        layout.write_json_atomic(self._hold_marker(rec.volume_id), rec.staging_path)
+
+    def _clear_hold(self, volume_id: str) -> None:
+        try:
+            os.unlink(self._hold_marker(volume_id))
+        except FileNotFoundError:
+            pass
 
     @staticmethod
     def _thaw(path: str) -> None:

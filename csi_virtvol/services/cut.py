@@ -23,6 +23,27 @@ after the copy, for the pair's next resync (`since_cut`); it drops it with the p
 
 cut_at_one_instant() is the one entry point: a snapshot cuts one member, a group
 snapshot several (hold all, cut all, release all).
+
+A source published while a copy reads its LUNs directly (fence PROHIBITED: it was published
+nowhere at the cut) is not held back for the copy (services/publish.py calls
+publish_mid_copy):
+
+    controller (ControllerPublish)    node (NodeStage, cut_for_stage)
+    PROHIBITED -> CUT_ON_STAGE,
+    fence_node, cut_id; LUNs usable
+                                      device assembled, nothing written yet: cut it, answer
+                                      CUT_HELD with the view (the untouched source); wait
+    worker: stop the copies reading
+    the LUNs (checkpoints kept), CUT;
+    resume them from the view         CUT: mount, use.  Writes reach the LUNs only now.
+
+The node waits STAGE_WAIT for the controller's CUT, then answers "try again" (ABORTED), its
+cut kept for the retry: the volume is never written while a copy reads its LUNs.
+
+Crashes (tests/integration/test_live_crash.py kills each process at each step): the node
+plugin marks a volume whose writes it holds (Stager.begin_cut) and lets them go when it
+starts again; a cut made but never answered is made again; a held cut whose pair moved on
+(a restarted controller asked anew) is let go; a dead daemon's cuts are ended on disk.
 """
 from __future__ import annotations
 
@@ -33,11 +54,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from csi_virtvol import errors
+from csi_virtvol import errors, failpoints
 from csi_virtvol.config import parse_size
 from csi_virtvol.model.ids import PairId
-from csi_virtvol.model.pair import Fence, Pair
+from csi_virtvol.model.pair import Fence, Pair, PairState
 from csi_virtvol.node import stager as node_stager
+from csi_virtvol.node.cut import CutView
 from csi_virtvol.store import base as S
 from csi_virtvol.store.base import StateStore
 
@@ -45,14 +67,16 @@ log = logging.getLogger(__name__)
 
 CUT_WAIT = 30.0          # seconds the controller waits for the nodes to cut
 HELD_MAX = 20.0          # seconds a node keeps writes held for a CUT_HELD the controller forgets
+STAGE_WAIT = 15.0        # seconds NodeStage waits for the controller to move a copy onto its cut
 POLL = 0.02
 STORE_KEY = "cutStoreSize"   # snapshot/StorageClass parameter: the copy-on-write store's limit
 STORE_FRACTION = 0.25        # default limit: this share of the volume ...
 STORE_MIN = 64 << 20         # ... but at least this
 STORE_RESERVE = 0.05         # and never more than the node's state filesystem has free, less this share
 
-LIVE = (Fence.CUT_REQUESTED, Fence.CUT_HELD, Fence.CUT)
+LIVE = (Fence.CUT_REQUESTED, Fence.CUT_HELD, Fence.CUT, Fence.CUT_ON_STAGE)
 """Fences of a pair whose source a live cut is (being) made of."""
+COPYING = (PairState.COPYING, PairState.RESYNCING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,9 +138,12 @@ def cut_at_one_instant(store: StateStore, members: Sequence[Member], *,
         for m in members:
             request = _requester(cut_id=new_cut_id(m.pair), node=m.node, hold=hold)
             _update(store, m.pair, request)
+        failpoints.hit("cut-requested")
         pairs = {m.pair: _await(store, m.pair, want, timeout) for m in members}
+        failpoints.hit("cut-answered")
         if while_held is not None:
             while_held()
+            failpoints.hit("cut-clones-made")
         for m in members:
             if pairs[m.pair].fence is Fence.CUT_HELD:
                 pairs[m.pair] = _update(store, m.pair, lambda p: dataclasses.replace(p, fence=Fence.CUT))
@@ -166,12 +193,59 @@ def check(store: StateStore, pair_id: str) -> None:
         raise errors.PreconditionFailed(rec.value.fence_message or "the node gave up the cut")
 
 
+def publish_mid_copy(store: StateStore, source_id: str, *, node: str, readonly: bool) -> bool:
+    """ControllerPublish of `source_id` to `node` while copies of it run: make each copy that
+    reads the LUNs directly (PROHIBITED, or waiting for a cut on a node it was published to
+    before) wait for a cut on `node` instead (CUT_ON_STAGE), so the volume can be used at once.
+    Raises PreconditionFailed, changing nothing, when a copy reads a frozen view of it on
+    another node (only that node may write it until the copy ends).  Returns whether a copy now
+    waits for `node` to cut it (the caller then lets the LUNs be used)."""
+    pairs = [r.value for r in store.find(S.PAIRS, index="source", value=source_id) if r.value.state in COPYING]
+    if readonly:
+        return False   # a read-only publish writes nothing: the copies may go on reading the LUNs
+    for p in pairs:
+        if p.fence in (Fence.CUT_REQUESTED, Fence.CUT_HELD, Fence.CUT, Fence.FREEZE_REQUESTED, Fence.FROZEN) \
+                and p.fence_node and p.fence_node != node:
+            raise errors.PreconditionFailed(
+                f"the copy of {source_id} into {p.targets[0].volume} reads its image on node {p.fence_node}: "
+                f"it can be published to {p.fence_node} now, to another node when that copy ends")
+    waiting = False
+    for p in pairs:
+        if p.fence is Fence.CUT_ON_STAGE and p.fence_node == node:
+            waiting = True
+        elif p.fence in (Fence.PROHIBITED, Fence.CUT_ON_STAGE):
+            cut_id = new_cut_id(p.id)
+
+            def convert(q: Pair, cut_id: str = cut_id) -> Pair:
+                if q.state not in COPYING or q.fence not in (Fence.PROHIBITED, Fence.CUT_ON_STAGE):
+                    return q
+                return dataclasses.replace(q, fence=Fence.CUT_ON_STAGE, fence_node=node, cut_id=cut_id,
+                                           cut_hold=True, cut_view="", cut_time=0.0, cut_changed="",
+                                           fence_message="")
+            waiting = _update(store, p.id, convert).fence is Fence.CUT_ON_STAGE or waiting
+            log.info("pair %s: %s published to %s mid-copy; the node cuts it when it stages it",
+                     p.id, source_id, node)
+    return waiting
+
+
+def awaits_switch(pair: Pair) -> bool:
+    """The node cut a source published mid-copy (publish_mid_copy) and waits for the copy to
+    read its view instead of the LUNs before anything writes them."""
+    return pair.fence is Fence.CUT_HELD and pair.cut_at > 0 and bool(pair.cut_view)
+
+
+def let_go(store: StateStore, pair: Pair) -> Pair:
+    """CUT_HELD -> CUT for the pair's present cut: the node lets the writes go."""
+    return _update(store, pair.id, lambda p: dataclasses.replace(p, fence=Fence.CUT)
+                   if p.fence is Fence.CUT_HELD and p.cut_id == pair.cut_id else p)
+
+
 def source_for(pair: Pair, *, volume_offset: int) -> tuple[str, int, str, str] | None:
     """Where a host copy of `pair` reads a piece at `volume_offset` of the source: (path,
     offset, node, changed map) in the cut's frozen view, or None when the pair has no live
     cut.  The changed map (resyncs only, "" otherwise) marks the chunks written since the
     pair's last copy: the copy reads and writes only those."""
-    if pair.fence is Fence.CUT and pair.cut_view:
+    if pair.fence in (Fence.CUT, Fence.CUT_HELD) and pair.cut_view:
         return pair.cut_view, volume_offset, pair.fence_node, pair.cut_changed
     return None
 
@@ -211,15 +285,23 @@ class CutKeeper:
         self._stager = stager
         self._state_dir = state_dir
         self._fallback = fallback
-        self._held: dict[str, tuple[str, float]] = {}    # pair id -> (volume, since)
+        self._held: dict[str, tuple[str, str, float]] = {}  # pair id -> (volume, cut id, since)
+        self._staging: set[str] = set()                   # pairs a NodeStage of this process waits on
         self._known: dict[str, str] | None = None         # cut id -> volume (None: not looked yet)
         self._ended: set[str] = set()                     # cuts ended whose tracking stays
 
-    def _answer(self, pair_id: str, **fields: object) -> None:
+    def _answer(self, pair_id: str, cut_id: str, *, when: tuple[Fence, ...] = (), **fields: object) -> bool:
+        """Write the node's answer about cut `cut_id`, unless the pair has moved on to another
+        cut (a restarted controller asked again) or, with `when`, left those fences."""
+        def change(p: Pair) -> Pair:
+            if p.cut_id != cut_id or (when and p.fence not in when):
+                return p
+            return dataclasses.replace(p, **fields)  # type: ignore[arg-type]
         try:
-            _update(self._store, pair_id, lambda p: dataclasses.replace(p, **fields))  # type: ignore[arg-type]
+            new = _update(self._store, pair_id, change)
         except errors.NotFound:
-            pass
+            return False
+        return new.cut_id == cut_id and all(getattr(new, k) == v for k, v in fields.items())
 
     def _discover(self) -> dict[str, str]:
         """Every cut and tracking bitmap of the volumes staged here (after a restart)."""
@@ -227,8 +309,6 @@ class CutKeeper:
         if not self._stager.can_cut:
             return known
         for rec in self._stager.list_staged():
-            if rec.phase != "staged":
-                continue
             try:
                 cuts, tracked = self._stager.cuts(rec.volume_id)
             except errors.VirtvolError:
@@ -239,34 +319,64 @@ class CutKeeper:
 
     def scan(self, pairs: Mapping[str, Pair]) -> None:
         if self._known is None:
+            for volume in self._stager.release_leftover_holds():
+                log.warning("volume %s: let go the writes a killed node plugin held", volume)
             self._known = self._discover()
+        self._let_go_stale(pairs)
         for pair in pairs.values():
             if pair.fence_node != self._node or not pair.cut_id:
                 continue
             try:
                 self._step(pair)
+            except errors.OperationPending as e:  # a stage or unstage of the volume runs: next scan
+                log.info("pair %s: cut %s: %s", pair.id, pair.cut_id, e)
             except errors.VirtvolError as e:
                 log.warning("pair %s: cut %s: %s", pair.id, pair.cut_id, e)
                 if pair.fence in LIVE:
                     self._give_up(pair, str(e))
         self._sweep(pairs)
 
+    def _let_go_stale(self, pairs: Mapping[str, Pair]) -> None:
+        """Writes held for a cut the pair no longer asks for (it is gone, asks for another cut
+        after a controller restart, or gave up) go at once, not after HELD_MAX."""
+        for pair_id, (volume, cut_id, _) in list(self._held.items()):
+            p = pairs.get(pair_id)
+            if p is not None and p.cut_id == cut_id and p.fence in (Fence.CUT_HELD, Fence.CUT):
+                continue
+            self._held.pop(pair_id, None)
+            log.info("pair %s: letting go the writes of %s held for cut %s", pair_id, volume, cut_id)
+            try:
+                self._stager.release_cut(volume)
+            except errors.VirtvolError as e:
+                log.error("pair %s: could not let the writes of %s go: %s", pair_id, volume, e)
+
     def _step(self, pair: Pair) -> None:
         assert self._known is not None
         if pair.fence is Fence.CUT_REQUESTED:
-            self._begin(pair)
+            self._begin(pair, hold=pair.cut_hold)
+        elif pair.fence is Fence.CUT_ON_STAGE:
+            staged = self._stager.get(pair.source)
+            if staged is not None and staged.phase == "staged":  # already in use here: a held cut
+                self._begin(pair, hold=True)
+            # else: its NodeStage cuts it before the first write (cut_for_stage)
         elif pair.fence is Fence.CUT_HELD:
             held = self._held.get(pair.id)
-            if held is None:  # this plugin restarted while holding: it cannot vouch for the instant
+            if held is None:
+                staged = self._stager.get(pair.source)
+                if pair.id in self._staging or staged is None or staged.phase != "staged":
+                    return  # cut by a NodeStage, which uses the volume only at CUT
+                # this plugin restarted while holding: it cannot vouch for the instant
                 self._stager.release_cut(pair.source)
                 self._give_up(pair, "the node plugin restarted while it held the writes")
-            elif time.monotonic() - held[1] > HELD_MAX:
+            elif time.monotonic() - held[2] > HELD_MAX:
                 self._give_up(pair, f"the writes were held {HELD_MAX:.0f}s and the controller did not let go")
         elif pair.fence is Fence.CUT:
             if pair.id in self._held:
                 self._held.pop(pair.id)
                 self._stager.release_cut(pair.source)
             view = self._stager.cut_status(pair.source, pair.cut_id)
+            if pair.targets[0].bytes_done:
+                failpoints.hit("cut-node-copying")
             if view is None:
                 self._give_up(pair, f"the cut of {pair.source} is gone from node {self._node} "
                                     "(its concatenation was restarted or unstaged)")
@@ -275,48 +385,124 @@ class CutKeeper:
                                     f"node {self._node}) before the copy ended: the source was written faster "
                                     f"than it was copied; raise {STORE_KEY} or snapshot it again")
 
-    def _begin(self, pair: Pair) -> None:
+    def _limit(self, pair: Pair, size: int) -> int:
+        target = self._store.get(S.VOLUMES, pair.targets[0].volume)
+        params = target.value.parameters if target is not None else {}
+        return store_limit(size=size, parameters=params, state_dir=self._state_dir)
+
+    def _begin(self, pair: Pair, *, hold: bool) -> None:
         assert self._known is not None
         staged = self._stager.get(pair.source)
         if staged is None or staged.phase != "staged":
-            self._answer(pair.id, fence=Fence.REFUSED,
+            self._answer(pair.id, pair.cut_id, when=(pair.fence,), fence=Fence.REFUSED,
                          fence_message=f"volume {pair.source} is not staged on node {self._node}")
             return
         if not self._stager.can_cut:
             self._fallback(pair)
             return
-        target = self._store.get(S.VOLUMES, pair.targets[0].volume)
-        params = target.value.parameters if target is not None else {}
-        limit = store_limit(size=staged.size, parameters=params, state_dir=self._state_dir)
-        if pair.cut_hold:
-            self._held[pair.id] = (pair.source, time.monotonic())
+        failpoints.hit("cut-node-begin")
+        limit = self._limit(pair, staged.size)
+        if self._stager.cut_status(pair.source, pair.cut_id) is not None:
+            # made before this plugin was killed, never answered: its instant is unknown to the
+            # controller (and writes held with it are gone), so it is made again, now
+            log.warning("pair %s: cut %s of %s was made but never answered; making it again", pair.id,
+                        pair.cut_id, pair.source)
+            self._stager.end_cut(pair.source, pair.cut_id)
+            self._stager.drop_tracking(pair.source, pair.cut_id)
+        if hold:
+            self._held[pair.id] = (pair.source, pair.cut_id, time.monotonic())
         try:
-            view = self._stager.begin_cut(pair.source, pair.cut_id, store_limit=limit, hold=pair.cut_hold,
+            view = self._stager.begin_cut(pair.source, pair.cut_id, store_limit=limit, hold=hold,
                                           since=pair.since_cut)
         except BaseException:
-            self._held.pop(pair.id, None)
+            if self._held.pop(pair.id, None) is not None:
+                self._release_quietly(pair.id, pair.source)
+            self._end(pair.cut_id, pair.source)  # whatever the failed cut left
+            self._drop(pair.cut_id, pair.source)
             raise
         self._known[pair.cut_id] = pair.source
         log.info("pair %s: cut %s of %s (%s)%s", pair.id, pair.cut_id, pair.source, view.path,
-                 ", writes held" if pair.cut_hold else "")
-        self._answer(pair.id, fence=Fence.CUT_HELD if pair.cut_hold else Fence.CUT, cut_view=view.path,
-                     cut_time=view.at or time.time(), cut_changed=view.changed, fence_message="")
+                 ", writes held" if hold else "")
+        answered = self._answer(pair.id, pair.cut_id, when=(pair.fence,),
+                                fence=Fence.CUT_HELD if hold else Fence.CUT, cut_view=view.path,
+                                cut_time=view.at or time.time(), cut_changed=view.changed, fence_message="")
+        failpoints.hit("cut-node-answered")
+        if not answered and self._held.pop(pair.id, None) is not None:
+            self._release_quietly(pair.id, pair.source)  # the pair moved on meanwhile: _sweep ends the cut
+
+    def cut_for_stage(self, volume_id: str, *, size: int, cut: Callable[[str, int], CutView],
+                      wait: float = STAGE_WAIT) -> None:
+        """NodeStage of `volume_id`, its device assembled and nothing written yet: cut it for
+        every copy that reads its LUNs directly (CUT_ON_STAGE, publish_mid_copy) with `cut(cut
+        id, store limit)`, answer CUT_HELD with the view, and return once the controller has
+        moved each copy onto its view (CUT), or the copy ended.  Raises OperationPending after
+        `wait` seconds (the cuts stay, for NodeStage's retry)."""
+        mine = [r.value for r in self._store.find(S.PAIRS, index="source", value=volume_id)
+                if r.value.fence_node == self._node and r.value.cut_id and r.value.state in COPYING
+                and (r.value.fence is Fence.CUT_ON_STAGE
+                     or r.value.fence is Fence.CUT_HELD and r.value.id not in self._held)]
+        if not mine:
+            return
+        if not self._stager.can_cut:
+            raise errors.PreconditionFailed(
+                f"a copy of volume {volume_id} reads its LUNs, and this node's composition cannot cut it "
+                "(no copy-before-write): it can be staged when the copy ends")
+        self._staging.update(p.id for p in mine)
+        try:
+            for p in mine:
+                if p.fence is not Fence.CUT_ON_STAGE:
+                    continue  # cut by an earlier attempt at this stage
+                view = cut(p.cut_id, self._limit(p, size))
+                if self._known is not None:
+                    self._known[p.cut_id] = volume_id
+                self._answer(p.id, p.cut_id, when=(Fence.CUT_ON_STAGE,), fence=Fence.CUT_HELD, cut_view=view.path,
+                             cut_time=view.at or time.time(), cut_changed=view.changed, fence_message="")
+                log.info("pair %s: %s cut at its stage (%s); waiting for the copy to read it", p.id, volume_id,
+                         view.path)
+                failpoints.hit("cut-node-stage-cut")
+            deadline = time.monotonic() + wait
+            while True:
+                waiting = [p for p in mine if self._still_held(p)]
+                if not waiting:
+                    return
+                if time.monotonic() > deadline:
+                    raise errors.OperationPending(
+                        f"volume {volume_id} is cut for the copy into {waiting[0].targets[0].volume}, but the "
+                        f"controller has not moved that copy onto the cut within {wait:.0f}s (is it running?); "
+                        "try again")
+                time.sleep(POLL * 5)
+        finally:
+            self._staging.difference_update(p.id for p in mine)
+
+    def _still_held(self, pair: Pair) -> bool:
+        rec = self._store.get(S.PAIRS, pair.id)
+        return (rec is not None and rec.value.cut_id == pair.cut_id and rec.value.state in COPYING
+                and rec.value.fence in (Fence.CUT_ON_STAGE, Fence.CUT_HELD))
 
     def _give_up(self, pair: Pair, reason: str) -> None:
         if self._held.pop(pair.id, None) is not None:
-            try:
-                self._stager.release_cut(pair.source)
-            except errors.VirtvolError as e:
-                log.error("pair %s: could not let the writes of %s go: %s", pair.id, pair.source, e)
+            self._release_quietly(pair.id, pair.source)
         self._end(pair.cut_id, pair.source)
         log.warning("pair %s: giving up cut %s: %s", pair.id, pair.cut_id, reason)
-        self._answer(pair.id, fence=Fence.REFUSED, fence_message=reason)
+        self._answer(pair.id, pair.cut_id, fence=Fence.REFUSED, fence_message=reason)
+
+    def _release_quietly(self, pair_id: str, volume: str) -> None:
+        try:
+            self._stager.release_cut(volume)
+        except errors.VirtvolError as e:
+            log.error("pair %s: could not let the writes of %s go: %s", pair_id, volume, e)
 
     def _end(self, cut_id: str, volume: str) -> None:
         try:
             self._stager.end_cut(volume, cut_id)
         except errors.VirtvolError as e:
             log.warning("cut %s of %s: could not end it: %s", cut_id, volume, e)
+
+    def _drop(self, cut_id: str, volume: str) -> None:
+        try:
+            self._stager.drop_tracking(volume, cut_id)
+        except errors.VirtvolError as e:
+            log.warning("cut %s of %s: could not drop its tracking: %s", cut_id, volume, e)
 
     def _sweep(self, pairs: Mapping[str, Pair]) -> None:
         """End the cuts no pair reads any more; drop the tracking no pair will resync from."""
@@ -333,6 +519,7 @@ class CutKeeper:
                 continue
             try:
                 if not standing and cut_id not in self._ended:
+                    failpoints.hit("cut-node-ending")
                     self._stager.end_cut(volume, cut_id)
                     self._ended.add(cut_id)
                 if not tracked:
@@ -344,13 +531,10 @@ class CutKeeper:
 
     def release_all(self) -> None:
         """On the way out: let every held write go."""
-        for pair_id, (volume, _) in list(self._held.items()):
+        for pair_id, (volume, _, _) in list(self._held.items()):
             self._held.pop(pair_id, None)
-            try:
-                self._stager.release_cut(volume)
-            except errors.VirtvolError as e:
-                log.error("pair %s: could not let the writes of %s go: %s", pair_id, volume, e)
+            self._release_quietly(pair_id, volume)
 
 
 __all__ = ["Member", "cut_at_one_instant", "abort", "check", "source_for", "CutKeeper", "LIVE", "STORE_KEY",
-           "store_limit"]
+           "store_limit", "publish_mid_copy", "awaits_switch", "let_go", "STAGE_WAIT"]

@@ -31,7 +31,7 @@ from csi_virtvol import errors
 from csi_virtvol.model.group import GroupSnapshot, GroupState
 from csi_virtvol.model.ids import GroupSnapshotId, VolumeId
 from csi_virtvol.model.volume import VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import failpoints
+from csi_virtvol import failpoints
 from csi_virtvol.services import params as P
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.services.snapshots import SNAPSHOT_KEYS, SnapshotService

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from csi_virtvol import errors
 from csi_virtvol.config import Config
@@ -15,7 +15,7 @@ from csi_virtvol.model.capability import AccessType, Capability, Publication, ch
 from csi_virtvol.model.ids import NodeId
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.volume import VirtualVolume, VolumeKind
-from csi_virtvol.model.pair import Fence
+from csi_virtvol.model.pair import Fence, Pair
 from csi_virtvol.node import capacity, commands
 from csi_virtvol.node import stager as node_stager
 from csi_virtvol.node.layout import BackingExtent
@@ -53,7 +53,7 @@ class NodeService:
         self._stager = node_stager.Stager(config.node_state_dir)
         self._attacher = Attacher(os.path.join(config.node_state_dir, "attach"))
         self.fences = FenceKeeper(node_id=config.node_id, store=store, stager=self._stager,
-                                  state_dir=config.node_state_dir)
+                                  state_dir=config.node_state_dir, reap=self._reap)
         self.max_volumes = self._max_volumes()
 
     def _max_volumes(self) -> int:
@@ -106,19 +106,45 @@ class NodeService:
                 raise errors.NotFound(f"volume {volume_id} does not exist")
             access: node_stager.Access = "block" if capability.access_type is AccessType.BLOCK else "mount"
             size = sum(e.length for e in extents)
-            if access == "mount" and capability.fs_type == "xfs" and size < XFS_MIN_SIZE \
-                    and self._stager.get(volume_id) is None:
+            prior = self._stager.get(volume_id)
+            if access == "mount" and capability.fs_type == "xfs" and size < XFS_MIN_SIZE and prior is None:
                 raise errors.OutOfRange(
                     f"volume {volume_id} has {size} bytes; XFS needs at least {XFS_MIN_SIZE >> 20} MiB")
+            readonly = capability.access_mode.read_only
+
+            def cut_first() -> None:  # a copy reading the LUNs directly gets a cut before any write
+                self.fences.cuts.cut_for_stage(
+                    volume_id, size=size,
+                    cut=lambda cut_id, limit: self._stager.cut_staging(volume_id, cut_id, store_limit=limit))
+            in_use = prior is not None and prior.phase == "staged"   # the fence keeper cuts those
             self._stager.stage(volume_id, extents, staging_path, access=access,
                                fs_type=capability.fs_type or "ext4", mount_flags=list(capability.mount_flags),
-                               readonly=capability.access_mode.read_only, mount_group=capability.mount_group)
+                               readonly=readonly, mount_group=capability.mount_group,
+                               before_use=None if readonly or in_use else cut_first)
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         with self._locks.hold(volume_id):
             self._stager.unstage(volume_id, staging_path)
-            if self._stager.get(volume_id) is None:
+            if self._stager.get(volume_id) is None:   # retired (a cut stands): its LUNs stay until _reap
                 self._attacher.detach_user(user=volume_id)
+
+    def _reap(self) -> None:
+        """Volumes unstaged while a cut stood: once their last cut ends, the rest goes."""
+        for rec in self._stager.list_staged():
+            if rec.phase != "retired" or not self._stager.reapable(rec.volume_id):
+                continue   # (looked at without the volume's lock, which CSI calls on it would meet)
+            try:
+                with self._locks.hold(rec.volume_id):
+                    if self._stager.reap(rec.volume_id):
+                        self._attacher.detach_user(user=rec.volume_id)
+            except errors.OperationPending:
+                continue   # a stage or unstage of it runs: next time
+            except errors.VirtvolError as e:
+                log.warning("volume %s: could not take apart what its cuts kept: %s", rec.volume_id, e)
+
+    def _staged(self, volume_id: str) -> node_stager.StagedVolume | None:
+        rec = self._stager.get(volume_id)
+        return rec if rec is not None and rec.phase != "retired" else None
 
     def publish(self, volume_id: str, staging_path: str, target_path: str, *, capability: Capability,
                 readonly: bool) -> None:
@@ -159,7 +185,7 @@ class NodeService:
             self._stager.unpublish(target_path, volume_id=volume_id)
 
     def stats(self, volume_id: str, volume_path: str) -> Stats:
-        staged = self._stager.get(volume_id)
+        staged = self._staged(volume_id)
         if staged is None:
             raise errors.NotFound(f"volume {volume_id} is not staged on this node")
         if not os.path.exists(volume_path):
@@ -176,7 +202,7 @@ class NodeService:
             choose_size(required=required, limit=limit)  # validates the range
         with self._locks.hold(volume_id):
             vol = self._volume(volume_id)
-            if self._stager.get(volume_id) is None:
+            if self._staged(volume_id) is None:
                 raise errors.NotFound(f"volume {volume_id} is not staged on this node")
             if not os.path.exists(volume_path):
                 raise errors.NotFound(f"volume path {volume_path} does not exist")
@@ -198,11 +224,14 @@ class FenceKeeper:
     volumes cannot be held this way; it answers REFUSED with the reason.
     """
 
-    def __init__(self, *, node_id: str, store: StateStore, stager: node_stager.Stager, state_dir: str) -> None:
+    def __init__(self, *, node_id: str, store: StateStore, stager: node_stager.Stager, state_dir: str,
+                 reap: Callable[[], None] = lambda: None) -> None:
         self._node = node_id
         self._store = store
         self._stager = stager
+        self._reap = reap
         self._held: dict[str, tuple[str, float]] = {}  # pair id -> (mount point, since)
+        self._adopted = False
         self.cuts = cut.CutKeeper(node_id=node_id, store=store, stager=stager, state_dir=state_dir,
                                   fallback=lambda p: self._freeze(p.id, p.source))
 
@@ -215,6 +244,9 @@ class FenceKeeper:
             except errors.VirtvolError as e:
                 log.warning("fence keeper: %s", e)
                 stop.wait(1.0)
+            except Exception:   # a bug, or a tool failing unexpectedly: never stop answering fences
+                log.exception("fence keeper: unexpected failure; scanning again")
+                stop.wait(1.0)
         for pair_id in list(self._held):
             self._thaw(pair_id)
         self.cuts.release_all()
@@ -222,7 +254,10 @@ class FenceKeeper:
     def scan(self) -> None:
         seen = set()
         pairs = {str(r.value.id): r.value for r in self._store.list(S.PAIRS)}
+        if not self._adopted:
+            self._adopt(pairs)
         self.cuts.scan(pairs)
+        self._reap()
         for pair in pairs.values():
             seen.add(pair.id)
             mine = pair.fence_node == self._node
@@ -235,6 +270,19 @@ class FenceKeeper:
                 self._answer(pair.id, Fence.REFUSED, f"writes were held for {MAX_FREEZE:.0f}s; released")
         for pair_id in set(self._held) - seen:
             self._thaw(pair_id)
+
+    def _adopt(self, pairs: Mapping[str, Pair]) -> None:
+        """After a restart: the filesystems this node froze for pairs still FROZEN stay frozen
+        (their copies read the live device) and are thawed when those pairs let go."""
+        self._adopted = True
+        for pair in pairs.values():
+            if pair.fence_node != self._node or pair.fence is not Fence.FROZEN or pair.id in self._held:
+                continue
+            staged = self._stager.get(pair.source)
+            if staged is not None and staged.access == "mount":
+                log.info("pair %s: %s was frozen by this node before it restarted; holding it", pair.id,
+                         staged.staging_path)
+                self._held[pair.id] = (staged.staging_path, time.monotonic())
 
     def _answer(self, pair_id: str, fence: Fence, message: str = "") -> None:
         for _ in range(20):

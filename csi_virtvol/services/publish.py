@@ -16,7 +16,7 @@ from csi_virtvol.model.array import LunState
 from csi_virtvol.model.node import NodeInfo
 from csi_virtvol.model.volume import (VirtualVolume, VolumeKind, VolumeState, attachment_for,
                                       check_controller_publish)
-from csi_virtvol.services import access
+from csi_virtvol.services import access, cut
 from csi_virtvol.services.arrays import ArrayPool
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.store import base as S
@@ -95,6 +95,10 @@ class PublishService:
             if vol.state is not VolumeState.AVAILABLE:
                 raise errors.PreconditionFailed(
                     f"volume {volume_id} is {vol.state.value}; it can be published when that ends")
+            # a copy reading the LUNs does not hold the publish back: the node cuts the volume
+            # before it writes it, and the copy reads that cut (services/cut.py)
+            if cut.publish_mid_copy(self._store, vol.id, node=node_id, readonly=readonly):
+                self._allow_luns(vol)
             self._check_luns(vol)
             want = attachment_for(NodeId(node_id), capability, readonly=readonly)
             if check_controller_publish(volume_id, vol.attachments, want):
@@ -123,6 +127,20 @@ class PublishService:
             raise errors.CapacityExceeded(
                 f"node {node_id} already has {held} volume(s) published, its limit "
                 f"(max_volumes_per_node {limit}); unpublish one first")
+
+    def _allow_luns(self, vol: VirtualVolume) -> None:
+        for e in vol.extents:
+            key = f"{e.array}:{e.lun}"
+            for _ in range(20):
+                lrec = self._store.get(S.LUNS, key)
+                if lrec is None or lrec.value.state is not LunState.ACCESS_PROHIBITED:
+                    break
+                try:
+                    self._store.update(S.LUNS, dataclasses.replace(lrec.value, state=LunState.IN_USE),
+                                       revision=lrec.revision)
+                    break
+                except errors.Conflict:
+                    continue
 
     def _check_luns(self, vol: VirtualVolume) -> None:
         for e in vol.extents:

@@ -10,8 +10,9 @@ source still while the image is cut.
 Order of work, each step idempotent so a restarted controller resumes it:
   1. record the target volume (state COPYING, extents with derived LUN names)
      and the pair (COPYING, per-extent rows);
-  2. fence the source: an unpublished source has its LUNs access-prohibited;
-     a published one is frozen by its node's plugin (pair fence protocol);
+  2. fence the source: an unpublished source has its LUNs access-prohibited (until a
+     publish hands it to a node, which cuts it before writing it: cut.publish_mid_copy);
+     a published one is cut live by its node's plugin (services/cut.py);
   3. make the target LUNs: internal clones (instant) and provisioned LUNs;
   4. run the host copies, checkpointing bytes done into the pair;
   5. lift the fence; the pair is SPLIT and the target AVAILABLE.
@@ -36,7 +37,8 @@ from csi_virtvol.model.ids import ArrayId, LunId, PairId, VolumeId
 from csi_virtvol.model.pair import (CopyMethod, ExtentCopy, ExtentCopyState, Fence, Pair, PairState,
                                     PairTarget)
 from csi_virtvol.model.volume import CopyRole, Extent, VirtualVolume, VolumeKind, VolumeState
-from csi_virtvol.services import clonecost, cut, failpoints, tracking, verify
+from csi_virtvol import failpoints
+from csi_virtvol.services import clonecost, cut, tracking, verify
 from csi_virtvol.services.events import EventSink, LogEvents
 from csi_virtvol.services import params as P
 from csi_virtvol.services.arrays import ArrayPool, TopologyFilter
@@ -339,7 +341,9 @@ class SnapshotService:
         target = self._store_volume(pair.targets[0].volume)
         host_copies = any(e.method is not CopyMethod.INTERNAL for e in pair.targets[0].extents)
         attached = source.attachments
-        if source.kind is VolumeKind.SNAPSHOT:
+        if pair.fence is Fence.CUT_ON_STAGE:
+            fence = Fence.CUT_ON_STAGE  # fenced, then published (cut.publish_mid_copy): nothing wrote it yet
+        elif source.kind is VolumeKind.SNAPSHOT:
             fence = Fence.NONE  # snapshots never change
         elif not attached:
             fence = Fence.PROHIBITED
@@ -348,7 +352,11 @@ class SnapshotService:
         else:
             fence = Fence.CUT_REQUESTED  # a live cut: writes held for an instant (services/cut.py)
         made = False
-        if fence is Fence.CUT_REQUESTED:
+        if fence is Fence.CUT_ON_STAGE:
+            pass
+        elif fence is Fence.PROHIBITED:
+            pair = self._prohibit(pair_id, source.id)
+        elif fence is Fence.CUT_REQUESTED:
             def clones() -> None:
                 nonlocal made
                 self._make_luns(source, target)
@@ -358,12 +366,6 @@ class SnapshotService:
                                           while_held=clones if clone_rows else None)[0]
         else:
             pair = self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
-        if fence is Fence.PROHIBITED:
-            self._set_lun_states(source, LunState.ACCESS_PROHIBITED)
-            # a publish may have slipped in before the LUNs were fenced
-            if self._store_volume(source.id).attachments:
-                self._set_lun_states(source, LunState.IN_USE)
-                raise errors.OperationPending(f"volume {source.id} was published meanwhile; try again")
         failpoints.hit("copy-fenced")
         if not made:
             self._make_luns(source, target)
@@ -391,14 +393,31 @@ class SnapshotService:
             fence = Fence.NONE  # one reflink clone is atomic: no need to hold writes
         else:
             fence = Fence.FREEZE_REQUESTED
-        pair = self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
         if fence is Fence.PROHIBITED:
-            self._set_lun_states(source, LunState.ACCESS_PROHIBITED)
-            # a publish may have slipped in before the LUNs were fenced
-            if self._store_volume(source.id).attachments:
-                self._set_lun_states(source, LunState.IN_USE)
-                raise errors.OperationPending(f"volume {source.id} was published meanwhile; try again")
+            self._prohibit(pair_id, source.id)
+        else:
+            self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
         return True
+
+    def _prohibit(self, pair_id: str, source_id: str) -> Pair:
+        """Fence an unpublished source: its LUNs access-prohibited, the pair PROHIBITED.  Under
+        the source's lock, which ControllerPublish holds from its check to its attachment, so a
+        publish either comes first (then: try again, as a live cut) or sees the fence (and has
+        the node cut the source before writing it: cut.publish_mid_copy)."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                with self._locks.hold(source_id):
+                    source = self._store_volume(source_id)
+                    if source.attachments:
+                        raise errors.OperationPending(f"volume {source_id} was published meanwhile; try again")
+                    pair = self._set_fence(pair_id, Fence.PROHIBITED)
+                    self._set_lun_states(source, LunState.ACCESS_PROHIBITED)
+                    return pair
+            except errors.OperationPending:
+                if time.monotonic() > deadline or self._store_volume(source_id).attachments:
+                    raise
+                time.sleep(POLL / 4)
 
     def _take(self, pair_id: str) -> None:
         """Once the source is held: make the target LUNs and mark the instant."""
@@ -473,12 +492,13 @@ class SnapshotService:
                     continue
 
     def _make_luns(self, source: VirtualVolume, target: VirtualVolume) -> None:
-        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent.
-        While a pair resyncs its clones are made again (a clone is never updated in place)."""
+        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent.  Called at the
+        cut only, so a clone found is always made again: it belongs to an earlier instant (the
+        pair's last copy, for a resync; a cut made again after a crash, whose writes were let go
+        in between; a clone is never updated in place)."""
         prec = self._store.get(S.PAIRS, target.id)
         if prec is None:  # undone meanwhile: without the pair, clones would be made as full LUNs
             raise errors.NotFound(f"pair {target.id} is gone")
-        recloning = prec.value.targets[0].state is PairState.RESYNCING
         src_luns = {(e.array, e.lun) for e in source.extents}
         made: set[tuple[ArrayId, LunId]] = set()
         for i, e in enumerate(target.extents):
@@ -489,8 +509,7 @@ class SnapshotService:
             clone_of = self._clone_source(source, target, i)
             if clone_of is not None and (e.array, clone_of) in src_luns:
                 copier = require_internal_copy(driver, self._arrays.info(e.array, fresh=False).abilities)
-                if recloning:
-                    driver.delete_lun(lun_id=e.lun)
+                driver.delete_lun(lun_id=e.lun)
                 lun = copier.copy_lun_internal(source=clone_of, name=e.lun)
             else:
                 lun = driver.create_lun(name=e.lun, size=e.length if e.offset == 0 else e.offset + e.length)
@@ -552,8 +571,26 @@ class SnapshotService:
             with self._changed:
                 self._changed.notify_all()
 
+    def _switch_to_view(self, vid: str, pair: Pair) -> Pair:
+        """The source, published mid-copy, was cut by its node, which waits to use it until no
+        copy reads its LUNs directly (cut.publish_mid_copy): stop those copies (their checkpoints
+        stay; they resume from the cut's view), then let the node go."""
+        if not cut.awaits_switch(pair):
+            return pair
+        rows = pair.targets[0].extents
+        if any(r.method is CopyMethod.REMOTE and r.state is not ExtentCopyState.DONE for r in rows):
+            return pair  # the source array reads the LUNs itself: the volume waits for those
+        for r in rows:
+            if r.method is CopyMethod.HOST and r.state is not ExtentCopyState.DONE:
+                self._runner.stop(f"{vid}-{r.index}")
+        failpoints.hit("copy-switching")
+        pair = cut.let_go(self._store, pair)
+        log.info("pair %s: the copy now reads %s on %s; the source is in use there", vid, pair.cut_view,
+                 pair.fence_node)
+        return pair
+
     def _copy(self, vid: str, stop: threading.Event) -> None:
-        pair = self._update_pair(vid, lambda p: p)
+        pair = self._switch_to_view(vid, self._update_pair(vid, lambda p: p))
         if pair.fence is Fence.REFUSED:
             raise errors.PreconditionFailed(
                 f"the source's node stopped holding its writes before the image was complete: {pair.fence_message}")
@@ -585,9 +622,12 @@ class SnapshotService:
         src = self._arrays.driver(step.source.array).open_path(lun_id=step.source.lun)
         dst = self._arrays.driver(step.target_extent.array).open_path(lun_id=step.target_extent.lun)
         job = f"{vid}-{row.index}"
-        src, src_offset, node, changed = cut.source_for(self._update_pair(vid, lambda p: p),
-                                                        volume_offset=step.offset) \
-            or (src, step.source.offset, self._copy_node(step), "")
+        lun = src
+
+        def where(pair: Pair) -> tuple[str, int, str, str]:
+            return cut.source_for(pair, volume_offset=step.offset) or (lun, step.source.offset,
+                                                                       self._copy_node(step), "")
+        src, src_offset, node, changed = where(self._update_pair(vid, lambda p: p))
         recopies = 0
 
         def attempt() -> HostCopy:  # a checkpoint belongs to one target, one cut and one attempt
@@ -610,6 +650,14 @@ class SnapshotService:
         last = -1
         for _ in _polls(stop):
             cut.check(self._store, vid)
+            now = where(self._switch_to_view(vid, self._update_pair(vid, lambda p: p)))
+            if now != (src, src_offset, node, changed):  # cut on its node mid-copy: read the view
+                self._runner.stop(job)
+                src, src_offset, node, changed = now
+                copy = attempt()
+                self._runner.start(copy)
+                log.info("host copy %s resumes from its checkpoint, reading %s", job, src)
+                continue
             st = self._runner.poll(job)
             if st.bytes_done != last:
                 last = st.bytes_done

@@ -152,6 +152,29 @@ def test_resume_auto_refuses_a_foreign_progress_file(tmp_path: Path) -> None:
     assert not dst.exists()
 
 
+def test_resume_auto_takes_its_own_attempts_checkpoint_from_another_path_to_the_image(tmp_path: Path) -> None:
+    """The checkpoint identity names the image: a copy stopped while reading a source's LUN and
+    started again reading a cut's view of it (another path, another offset) resumes where it
+    stopped; a checkpoint of another target is still refused."""
+    lun, view, dst, pf = tmp_path / "lun", tmp_path / "view", tmp_path / "dst", tmp_path / "progress.json"
+    image = os.urandom(4 * MiB)
+    lun.write_bytes(bytes(MiB) + image)
+    view.write_bytes(image)
+    dst.write_bytes(image[:MiB] + bytes(3 * MiB))   # what the first run copied
+    cli.write_progress_file(str(pf), {"src": str(lun), "src_offset": MiB, "dst": str(dst), "dst_offset": 0,
+                                      "length": 4 * MiB, "bytes_done": MiB, "checkpoint_id": "pair/t@1.0"})
+    p = run_cli("--src", f"{view}:0:{4 * MiB}", "--dst", str(dst), "--progress-file", str(pf),
+                "--resume-from", "auto", "--checkpoint-id", "pair/t@1.0", "--verify")
+    assert p.returncode == 0, p.stderr
+    assert lines(p.stdout)[-1]["resumed_from"] == MiB
+    assert dst.read_bytes() == image
+    cli.write_progress_file(str(pf), {"src": str(lun), "src_offset": MiB, "dst": "/elsewhere", "dst_offset": 0,
+                                      "length": 4 * MiB, "bytes_done": MiB, "checkpoint_id": "pair/t@1.0"})
+    p = run_cli("--src", f"{view}:0:{4 * MiB}", "--dst", str(dst), "--progress-file", str(pf),
+                "--resume-from", "auto", "--checkpoint-id", "pair/t@1.0")
+    assert p.returncode == 1 and "another copy" in p.stderr
+
+
 def test_resume_auto_never_resumes_another_attempts_checkpoint(tmp_path: Path) -> None:
     """Issue 12: a retried copy Job (same name, same progress file) into a freshly made target
     must not resume from the discarded attempt's checkpoint, which said the range was done."""

@@ -79,7 +79,7 @@ def _teardown_node(state_dir: str, workdir: Path) -> None:
             subprocess.run(["umount", "-l", m], check=False)
     for rec in staged:
         assert stager is not None
-        stager.unstage(rec.volume_id, rec.staging_path)
+        stager.unstage(rec.volume_id, rec.staging_path, keep_cuts=False)
     for m in mounts():
         subprocess.run(["umount", "-l", m], check=False)
 

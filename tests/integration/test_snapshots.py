@@ -160,7 +160,18 @@ def test_clone_and_restore_into_another_array_are_identical(plugin: Plugin) -> N
     assert plugin.records()["pairs"] == 0
 
 
-def test_publish_waits_while_a_host_copy_reads_the_source(plugin: Plugin) -> None:
+def source_lun_states(p: Plugin, vid: str) -> set[str]:
+    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+        vol = st.get(S.VOLUMES, vid)
+        assert vol is not None
+        luns = [st.get(S.LUNS, f"{e.array}:{e.lun}") for e in vol.value.extents]
+    return {lun.value.state.value for lun in luns if lun is not None}
+
+
+def test_a_host_copy_fences_an_unpublished_source_until_a_publish_hands_it_to_its_node(plugin: Plugin) -> None:
+    """The copy of an unpublished source reads its LUNs, access-prohibited.  A read-only publish
+    waits; a publish for writing does not (the node cuts the volume before writing it:
+    test_live_stage.py), and the pair says which node must cut it."""
     src = create_volume(plugin, 48 * MiB, arrays="slow")  # no internal copy on ext4: host copy
     with open(lun_paths(plugin, src.volume_id)[0], "r+b") as f:
         f.write(os.urandom(48 * MiB))  # dense, so the bandwidth cap makes the copy take ~16 s
@@ -169,21 +180,26 @@ def test_publish_waits_while_a_host_copy_reads_the_source(plugin: Plugin) -> Non
     snap = plugin.controller.CreateSnapshot(pb.CreateSnapshotRequest(
         name=unique("snap"), source_volume_id=src.volume_id)).snapshot
     assert not snap.ready_to_use
+    assert pair_of(plugin, snap.snapshot_id)["fence"] == "prohibited"
+    assert source_lun_states(plugin, src.volume_id) == {"access-prohibited"}
     with pytest.raises(grpc.RpcError) as e:
         plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
-            volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap()))
+            volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap(), readonly=True))
     assert e.value.code() is Code.FAILED_PRECONDITION and "access-prohibited" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=src.volume_id))
     assert e.value.code() is Code.FAILED_PRECONDITION
-    assert pair_of(plugin, snap.snapshot_id)["fence"] == "prohibited"
+    plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap()))
+    assert pair_of(plugin, snap.snapshot_id)["fence"] == "cut-on-stage"
+    assert source_lun_states(plugin, src.volume_id) == {"in-use"}
     # DeleteSnapshot during the copy cancels it and leaves nothing behind
     plugin.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     assert lun_paths(plugin, snap.snapshot_id) == []
     assert plugin.records()["pairs"] == 0 and plugin.records()["volumes"] == 1
     assert list((plugin.data_dir / "copies").glob("*")) == []
-    plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
-        volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap()))
+    plugin.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        volume_id=src.volume_id, node_id=NODE_ID))
 
 
 def test_snapshot_errors_leave_nothing(plugin: Plugin) -> None:
@@ -323,13 +339,11 @@ def test_the_source_stays_fenced_until_its_last_copy_ends(plugin: Plugin) -> Non
     fast = snapshot_ready(plugin, unique("fast"), src.volume_id)  # ends first
     assert fast.ready_to_use
     assert not plugin.controller.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=slow.snapshot_id)).snapshot.ready_to_use
-    with pytest.raises(grpc.RpcError) as e:
-        plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
-            volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap()))
-    assert e.value.code() is Code.FAILED_PRECONDITION  # the first copy still reads it
+    assert source_lun_states(plugin, src.volume_id) == {"access-prohibited"}  # the first copy still reads it
     deadline = time.monotonic() + 60
     while not plugin.controller.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=slow.snapshot_id)).snapshot.ready_to_use:
         assert time.monotonic() < deadline
         time.sleep(0.3)
+    assert source_lun_states(plugin, src.volume_id) == {"in-use"}
     plugin.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
         volume_id=src.volume_id, node_id=NODE_ID, volume_capability=mount_cap()))

@@ -286,3 +286,23 @@ def test_a_restarted_controller_waits_for_its_pod_cache_before_judging(fake_api:
     fake_api.clear_faults()
     st = until(lambda: (s := fresh.poll(copy.job)).done and s, timeout=15)
     assert st and st.result is not None and st.result["verified"] is True, st
+
+
+def test_stop_deletes_the_job_and_returns_once_its_pod_no_longer_reads(fake_api: FakeApiServer, client: Any) -> None:
+    """stop() (a copy moving onto a cut's view mid-way) keeps the checkpoint, which lives on the
+    node, and returns only when the old pod has ended: a pod in its grace period still reads the
+    source, which the node is about to let the application write."""
+    import threading
+
+    runner = _runner(client)
+    job = _started(fake_api, runner)
+    pod = run_pod(fake_api, job)
+    assert until(lambda: runner._runner.pods is not None and runner._runner.pods.get(pod) is not None)
+    stopped = threading.Event()
+    t = threading.Thread(target=lambda: (runner.stop(COPY.job), stopped.set()), daemon=True)
+    t.start()
+    assert until(lambda: fake_api.find("batch", "jobs", job["metadata"]["name"], NS) is None)
+    assert not stopped.wait(1.0), "stop() returned while the old pod still ran"
+    end_pod(fake_api, pod, 137, None)   # the kubelet killed it
+    assert stopped.wait(10), "stop() did not return once the pod ended"
+    t.join(5)
