@@ -856,17 +856,20 @@ class SnapshotService:
                                         targets=(dataclasses.replace(t, state=PairState.RESYNCING, extents=rows,
                                                                      started_at=time.time(), ended_at=0.0,
                                                                      reason=""),))
-            self._store.update(S.PAIRS, fresh, revision=rec.revision)
-            vrec = self._store.get(S.VOLUMES, target_id)
-            if vrec is not None:
-                self._store.update(S.VOLUMES, dataclasses.replace(vrec.value, state=VolumeState.COPYING),
-                                   revision=vrec.revision)
-            log.info("pair %s: resync from %s", target_id, pair.source)
-            try:
-                self._cut(target_id)
-            except errors.VirtvolError as e:
-                self._fail(target_id, f"resync could not cut the image: {e}")
-                raise
+            # claimed until it is cut: the reconcile loop would otherwise start a worker on the
+            # resyncing pair, whose own cut races this one (two cuts of one resync)
+            with self._claim(target_id):
+                self._store.update(S.PAIRS, fresh, revision=rec.revision)
+                vrec = self._store.get(S.VOLUMES, target_id)
+                if vrec is not None:
+                    self._store.update(S.VOLUMES, dataclasses.replace(vrec.value, state=VolumeState.COPYING),
+                                       revision=vrec.revision)
+                log.info("pair %s: resync from %s", target_id, pair.source)
+                try:
+                    self._cut(target_id)
+                except errors.VirtvolError as e:
+                    self._fail(target_id, f"resync could not cut the image: {e}")
+                    raise
             self._ensure_worker(target_id)
         self._await(target_id, RESYNC_WAIT)
         return self._update_pair(target_id, lambda p: p)
