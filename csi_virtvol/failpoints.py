@@ -9,14 +9,19 @@ tests/kube/test_copy_matrix.py kills or fails a copy pod the way it kills the
 controller), the node plugin's side of a cut (cut-node-*) and the concatenation
 daemon (daemon-*), which inherits the plugin's environment.  `name=error` instead
 raises a BackendError there, as a failing array or host tool would, so the
-caller's undo path runs.  Unset (always, in production) each call is one dict
-look-up.
+caller's undo path runs; `name=sleep:SECONDS` pauses there (a slow step, to widen
+a window a test must show closed).  `armed()` arms a point in this process only,
+for tests that run the plugin in-process.  Unset (always, in production) each
+call is one dict look-up.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import time
+from collections.abc import Iterator
 
 from csi_virtvol import errors
 
@@ -32,6 +37,24 @@ def hit(name: str) -> None:
     if action == "error":
         log.warning("failpoint %s: failing here", name)
         raise errors.BackendError(f"failpoint {name}: injected failure")
+    if action.startswith("sleep:"):
+        log.warning("failpoint %s: sleeping %ss", name, action[6:])
+        time.sleep(float(action[6:]))
+        return
     log.warning("failpoint %s: killing this process", name)
     logging.shutdown()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def armed(name: str, action: str = "kill") -> Iterator[None]:
+    """Arm `name` with `action` in this process while the block runs."""
+    before = _ARMED.get(name)
+    _ARMED[name] = action
+    try:
+        yield
+    finally:
+        if before is None:
+            _ARMED.pop(name, None)
+        else:
+            _ARMED[name] = before
