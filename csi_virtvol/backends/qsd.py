@@ -323,6 +323,8 @@ class QsdDriver(PoolDriver):
                         raise errors.NotFound(f"array {self._spec.id}: LUN {source} has no tracking {since!r}")
                     sync = {"sync": "bitmap", "bitmap": _bitmap(since), "bitmap-mode": "on-success"}
                 node = "r" + _h(job)
+                if any(n["node-name"] == node for n in qmp.execute("query-named-block-nodes", {"flat": True})):
+                    qmp.execute("blockdev-del", {"node-name": node})  # of a job dismissed without it (a crash)
                 qmp.execute("blockdev-add", {"driver": "nbd", "node-name": node,
                                              "server": server.qapi(), "export": export})
                 try:
