@@ -22,7 +22,8 @@ The node keeps the cut's change tracking (a bitmap of the chunks written since t
 after the copy, for the pair's next resync (`since_cut`); it drops it with the pair.
 
 cut_at_one_instant() is the one entry point: a snapshot cuts one member, a group
-snapshot several (hold all, cut all, release all).
+snapshot several (hold all, cut all, release all).  What must be of the instant and is not
+the node's cut is made while the writes are held (`while_held`): internal clones.
 
 A source published while a copy reads its LUNs directly (fence PROHIBITED: it was published
 nowhere at the cut) is not held back for the copy (services/publish.py calls
@@ -82,7 +83,27 @@ COPYING = (PairState.COPYING, PairState.RESYNCING)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Member:
     pair: PairId
-    node: str    # the node where the pair's source is staged
+    node: str    # the node where the pair's source is staged; "" when nothing writes the source
+    # (its LUNs access-prohibited, or a snapshot): there is nothing to hold, any instant is its own
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """A pair ready to be cut (services/snapshots.py made its fresh target LUNs and fenced an
+    unpublished source): `at_instant` makes what must be of the cut's instant, with the writes
+    held (the clones of a source in use); None: nothing."""
+    member: Member
+    at_instant: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Points:
+    """The failpoints of a cut's steps: every hold asked for; every source held."""
+    requested: str = "cut-requested"
+    held: str = "cut-answered"
+
+
+ONE = Points()
 
 
 def new_cut_id(pair_id: str) -> str:
@@ -113,45 +134,46 @@ def _update(store: StateStore, pair_id: str, change: Callable[[Pair], Pair]) -> 
 
 def cut_at_one_instant(store: StateStore, members: Sequence[Member], *,
                        while_held: Callable[[], None] | None = None,
-                       timeout: float = CUT_WAIT) -> list[Pair]:
-    """Cut the sources of `members` (each a pair whose source is staged on `node`) at one
-    instant: hold every source's writes and cut it, call `while_held` (e.g. make internal
-    clones that must belong to the same instant), then let all writes go.  One member and
-    no `while_held`: the node lets the writes go right after its cut.
+                       timeout: float = CUT_WAIT, points: Points = ONE) -> list[Pair]:
+    """Cut the sources of `members` at one instant: hold the writes of every source in use
+    (a member with a `node`) and cut it, call `while_held` (make what must belong to the same
+    instant: internal clones, the images of members nothing writes), then
+    let all writes go.  One source in use and no `while_held`: its node lets the writes go
+    right after its cut.
 
-    Returns the pairs, each with fence CUT (its `cut_view` is the frozen view on its node)
-    or FROZEN (that node cannot cut: it holds the writes until the pair is RELEASED).
-    On any failure every member's cut is undone (fence RELEASED) and the error raised:
-    PreconditionFailed when a node refused (the reason in the message), OperationPending
-    when a node did not answer within `timeout`.
+    Returns the pairs, each source in use with fence CUT (its `cut_view` is the frozen view on
+    its node) or FROZEN (that node cannot cut: it holds the writes until the pair is RELEASED);
+    the others as they are.  On any failure every member's cut is undone (fence RELEASED) and
+    the error raised: PreconditionFailed when a node refused (the reason in the message),
+    OperationPending when a node did not answer within `timeout`.
     """
     if not members:
         raise errors.InvalidRequest("a cut needs at least one volume")
     if len({m.pair for m in members}) != len(members):
         raise errors.InvalidRequest("a pair appears twice in one cut")
-    for m in members:
-        if not m.node:
-            raise errors.InvalidRequest(f"pair {m.pair}: no node to cut its source on")
-    hold = while_held is not None or len(members) > 1
+    live = [m for m in members if m.node]
+    hold = while_held is not None or len(live) > 1
     want = Fence.CUT_HELD if hold else Fence.CUT
     try:
-        for m in members:
+        for m in live:
             request = _requester(cut_id=new_cut_id(m.pair), node=m.node, hold=hold)
             _update(store, m.pair, request)
-        failpoints.hit("cut-requested")
-        pairs = {m.pair: _await(store, m.pair, want, timeout) for m in members}
-        failpoints.hit("cut-answered")
+        failpoints.hit(points.requested)
+        pairs = {m.pair: _await(store, m.pair, want, timeout) for m in live}
+        failpoints.hit(points.held)
         if while_held is not None:
+            started = time.monotonic()
             while_held()
             failpoints.hit("cut-clones-made")
-        for m in members:
+            log.info("made what belongs to the instant in %.3fs, writes held", time.monotonic() - started)
+        for m in live:
             if pairs[m.pair].fence is Fence.CUT_HELD:
                 pairs[m.pair] = _update(store, m.pair, lambda p: dataclasses.replace(p, fence=Fence.CUT))
     except BaseException:
-        abort(store, [m.pair for m in members])
+        abort(store, [m.pair for m in live])
         raise
     log.info("cut %s at one instant", ", ".join(str(m.pair) for m in members))
-    return [pairs[m.pair] for m in members]
+    return [pairs[m.pair] if m.node else _update(store, m.pair, lambda p: p) for m in members]
 
 
 def _requester(*, cut_id: str, node: str, hold: bool) -> Callable[[Pair], Pair]:
@@ -372,8 +394,9 @@ class CutKeeper:
                 self._give_up(pair, f"the writes were held {HELD_MAX:.0f}s and the controller did not let go")
         elif pair.fence is Fence.CUT:
             if pair.id in self._held:
-                self._held.pop(pair.id)
+                since = self._held.pop(pair.id)[2]
                 self._stager.release_cut(pair.source)
+                log.info("pair %s: writes of %s let go, held %.3fs", pair.id, pair.source, time.monotonic() - since)
             view = self._stager.cut_status(pair.source, pair.cut_id)
             if pair.targets[0].bytes_done:
                 failpoints.hit("cut-node-copying")
@@ -536,5 +559,5 @@ class CutKeeper:
             self._release_quietly(pair_id, volume)
 
 
-__all__ = ["Member", "cut_at_one_instant", "abort", "check", "source_for", "CutKeeper", "LIVE", "STORE_KEY",
+__all__ = ["Member", "Prepared", "Points", "cut_at_one_instant", "abort", "check", "source_for", "CutKeeper", "LIVE", "STORE_KEY",
            "store_limit", "publish_mid_copy", "awaits_switch", "let_go", "STAGE_WAIT"]

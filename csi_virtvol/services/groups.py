@@ -10,13 +10,14 @@ Order of work:
      intent, so a crash from here on is undone by `recover`;
   2. record every member's target and pair, uncut (the snapshot service's
      workers leave them alone while the group is CUTTING);
-  3. `cut_group`: request the hold of every member (fsfreeze on its node, or
-     its LUNs access-prohibited), wait until ALL are held, then cut all;
-  4. the group is CUT; each member's copy runs, and its source is let go when
-     its copy ends (the present freeze-and-copy fence: see ARCHITECTURE.md
-     "Consistency").
-A failure anywhere before 4 undoes every member: fences lifted, LUNs freed,
-records dropped.
+  3. `cut_group`: prepare every member (fresh target LUNs made; an unpublished
+     source fenced), then the live cut of services/cut.py for all at once: the
+     writes of every source in use held on its node, each cut, the clones and
+     remote copy starts made, all let go (the writes wait milliseconds);
+  4. the group is CUT; each member's copy runs, reading its cut's frozen view
+     while the application writes on.
+A failure anywhere before 4 undoes every member: cuts dropped, fences lifted,
+LUNs freed, records dropped.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from csi_virtvol.model.group import GroupSnapshot, GroupState
 from csi_virtvol.model.ids import GroupSnapshotId, VolumeId
 from csi_virtvol.model.volume import VirtualVolume, VolumeKind, VolumeState
 from csi_virtvol import failpoints
-from csi_virtvol.services import params as P
+from csi_virtvol.services import cut, params as P
 from csi_virtvol.services.locks import KeyedLocks
 from csi_virtvol.services.snapshots import SNAPSHOT_KEYS, SnapshotService
 from csi_virtvol.services.volumes import VolumeService, volume_id_for
@@ -62,23 +63,35 @@ class GroupView:
     ready: bool
 
 
-def cut_group(snapshots: SnapshotService, members: Sequence[str]) -> None:
-    """Cut every member at one instant: request all holds, wait until ALL are held, then cut all.
+GROUP_POINTS = cut.Points(requested="group-hold-requested", held="group-held")
 
-    Each member's source stays held until its own copy ends, and no copy starts
-    before this returns, so the holds overlap: that overlap is the instant.
-    A failure raises; the caller undoes every member (which lets go of the held ones).
-    (Later: delegate to services/cut.py, whose copy-before-write cut holds writes only for the instant.)
+
+def cut_group(store: StateStore, snapshots: SnapshotService, members: Sequence[str]) -> None:
+    """Cut every member at one instant: hold all, cut all, release all.
+
+    Each member is prepared first (services/snapshots.py: its fresh target LUNs made, an
+    unpublished source fenced, so any instant is its own; a snapshot never changes).  Then
+    services/cut.cut_at_one_instant holds the writes of every member in use on its node (all
+    nodes asked at once) and cuts it; once ALL are held, every member's clones are made and
+    its remote copies started (`group-cut-N`), and all writes are let go.  The writes wait
+    only for that (no copy runs meanwhile); each member's host copies then read its cut's
+    frozen view.  A failure raises, every cut undone; the caller undoes every member.
     """
+    prepared: list[cut.Prepared] = []
     for m in members:
-        snapshots.hold_member(m)
-    failpoints.hit("group-hold-requested")
-    for m in members:
-        snapshots.await_member(m)
-    failpoints.hit("group-held")
-    for i, m in enumerate(members):
-        failpoints.hit(f"group-cut-{i}")
-        snapshots.cut_member(m)
+        p = snapshots.prepare_member(m)
+        if p is None:
+            raise errors.Conflict(f"member {m} of a group being cut was cut on its own")
+        prepared.append(p)
+
+    def at_instant() -> None:
+        for i, p in enumerate(prepared):
+            failpoints.hit(f"group-cut-{i}")
+            if p.at_instant is not None:
+                p.at_instant()
+    cut.cut_at_one_instant(store, [p.member for p in prepared], while_held=at_instant, points=GROUP_POINTS)
+    for p in prepared:
+        snapshots.mark_member(p)
     failpoints.hit("group-cut")
 
 
@@ -173,7 +186,7 @@ class GroupService:
                 self._snapshots.record_member(snapshot_id=m, name=member_name(name, v.id), source=v,
                                               parameters=parameters)
             failpoints.hit("group-members-recorded")
-            cut_group(self._snapshots, members)
+            cut_group(self._store, self._snapshots, members)
             group = dataclasses.replace(group, state=GroupState.CUT, cut_at=time.time())
             S.upsert(self._store, S.GROUPS, group)
         except BaseException as e:

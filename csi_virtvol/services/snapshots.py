@@ -12,9 +12,11 @@ Order of work, each step idempotent so a restarted controller resumes it:
      and the pair (COPYING, per-extent rows);
   2. fence the source: an unpublished source has its LUNs access-prohibited (until a
      publish hands it to a node, which cuts it before writing it: cut.publish_mid_copy);
-     a published one is cut live by its node's plugin (services/cut.py);
-  3. make the target LUNs: internal clones (instant) and provisioned LUNs;
-  4. run the host copies, checkpointing bytes done into the pair;
+     make the fresh target LUNs;
+  3. cut: a published source is cut live by its node's plugin (services/cut.py), and its
+     internal clones are made while its writes are held; the other sources' clones were
+     made in 2;
+  4. run the host and remote copies, checkpointing bytes done into the pair;
   5. lift the fence; the pair is SPLIT and the target AVAILABLE.
 """
 from __future__ import annotations
@@ -52,7 +54,6 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_KEYS = {"arrays": "comma-separated arrays the snapshot's provisioned extents may use",
                  cut.STORE_KEY: "the most the copy-on-write store of a live cut may take on the node"}
-FREEZE_WAIT = 30.0      # seconds a node has to freeze a group member's source (services/groups.py)
 ORPHAN_AGE = 60.0       # a target recorded this long ago with no pair was left by a crash
 POLL = 0.2
 
@@ -333,71 +334,55 @@ class SnapshotService:
 
     # -- the cut: fence the source, make the target LUNs -------------------
     def _cut(self, pair_id: str) -> None:
+        prepared = self._prepare(pair_id)
+        if prepared is not None:
+            cut.cut_at_one_instant(self._store, [prepared.member], while_held=prepared.at_instant)
+            self._mark(prepared)
+
+    def _prepare(self, pair_id: str, *, group: bool = False) -> cut.Prepared | None:
+        """All a cut of `pair_id` needs before its instant (None: it is cut already).  The
+        fresh target LUNs are made before any write is held.  A source nothing writes needs no hold: an
+        unpublished one is fenced (LUNs access-prohibited), a snapshot never changes, and one
+        reflink clone alone is atomic (not in a `group`, whose instant must cover all); its
+        clones are made now.  A source in use is cut live on its node (the member's node), and
+        only its clones are made at the instant (`at_instant`)."""
         rec = self._store.get(S.PAIRS, pair_id)
         if rec is None or rec.value.cut_at:
-            return
+            return None
         pair = rec.value
         source = self._volumes.get(pair.source, kind=self._kind_of(pair.source))
         target = self._store_volume(pair.targets[0].volume)
-        host_copies = any(e.method is not CopyMethod.INTERNAL for e in pair.targets[0].extents)
+        rows = pair.targets[0].extents
         attached = source.attachments
+        node = ""
         if pair.fence is Fence.CUT_ON_STAGE:
-            fence = Fence.CUT_ON_STAGE  # fenced, then published (cut.publish_mid_copy): nothing wrote it yet
+            pass  # fenced, then published (cut.publish_mid_copy): nothing wrote it yet
         elif source.kind is VolumeKind.SNAPSHOT:
-            fence = Fence.NONE  # snapshots never change
+            self._set_fence(pair_id, Fence.NONE)  # snapshots never change
         elif not attached:
-            fence = Fence.PROHIBITED
-        elif len(source.extents) == 1 and not host_copies:
-            fence = Fence.NONE  # one reflink clone is atomic: no need to hold writes
+            self._prohibit(pair_id, source.id)
+        elif len(source.extents) == 1 and all(r.method is CopyMethod.INTERNAL for r in rows) and not group:
+            self._set_fence(pair_id, Fence.NONE, node=attached[0].node)  # one reflink clone is atomic
         else:
-            fence = Fence.CUT_REQUESTED  # a live cut: writes held for an instant (services/cut.py)
-        made = False
-        if fence is Fence.CUT_ON_STAGE:
-            pass
-        elif fence is Fence.PROHIBITED:
-            pair = self._prohibit(pair_id, source.id)
-        elif fence is Fence.CUT_REQUESTED:
-            def clones() -> None:
-                nonlocal made
-                self._make_luns(source, target)
-                made = True
-            clone_rows = any(e.method is CopyMethod.INTERNAL for e in pair.targets[0].extents)
-            pair = cut.cut_at_one_instant(self._store, [cut.Member(pair=pair.id, node=attached[0].node)],
-                                          while_held=clones if clone_rows else None)[0]
-        else:
-            pair = self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
+            node = attached[0].node  # a live cut: writes held for an instant (services/cut.py)
         failpoints.hit("copy-fenced")
-        if not made:
-            self._make_luns(source, target)
+        self._make_luns(source, target, clones=not node)
+        member = cut.Member(pair=pair.id, node=node)
+        if not node or not any(r.method is CopyMethod.INTERNAL for r in rows):
+            return cut.Prepared(member=member)
+
+        def at_instant() -> None:
+            self._make_luns(source, target, fresh=False)
+        return cut.Prepared(member=member, at_instant=at_instant)
+
+    def _mark(self, prepared: cut.Prepared) -> None:
+        """The pair is cut: its instant is the node's cut (a live one), or now."""
+        pair = self._update_pair(prepared.member.pair, lambda p: p)
         tracking.start(self._arrays, pair)  # from the cut on, for a differential resync
         failpoints.hit("copy-luns-made")
-        def mark(p: Pair) -> Pair:
-            return dataclasses.replace(p, cut_at=p.cut_time or time.time())
-        self._update_pair(pair_id, mark)
-
-    def _hold(self, pair_id: str, *, always: bool = False) -> bool:
-        """Ask for the source to be kept still; False when the image was already cut.
-        `always`: hold even a source whose image alone would be atomic (a group's member)."""
-        rec = self._store.get(S.PAIRS, pair_id)
-        if rec is None or rec.value.cut_at:
-            return False
-        pair = rec.value
-        source = self._volumes.get(pair.source, kind=self._kind_of(pair.source))
-        host_copies = any(e.method is not CopyMethod.INTERNAL for e in pair.targets[0].extents)
-        attached = source.attachments
-        if source.kind is VolumeKind.SNAPSHOT:
-            fence = Fence.NONE  # snapshots never change
-        elif not attached:
-            fence = Fence.PROHIBITED
-        elif len(source.extents) == 1 and not host_copies and not always:
-            fence = Fence.NONE  # one reflink clone is atomic: no need to hold writes
-        else:
-            fence = Fence.FREEZE_REQUESTED
-        if fence is Fence.PROHIBITED:
-            self._prohibit(pair_id, source.id)
-        else:
-            self._set_fence(pair_id, fence, node=attached[0].node if attached else "")
-        return True
+        live = bool(prepared.member.node)
+        self._update_pair(prepared.member.pair, lambda p: dataclasses.replace(
+            p, cut_at=p.cut_time if live and p.cut_time else time.time()))
 
     def _prohibit(self, pair_id: str, source_id: str) -> Pair:
         """Fence an unpublished source: its LUNs access-prohibited, the pair PROHIBITED.  Under
@@ -419,21 +404,6 @@ class SnapshotService:
                     raise
                 time.sleep(POLL / 4)
 
-    def _take(self, pair_id: str) -> None:
-        """Once the source is held: make the target LUNs and mark the instant."""
-        pair = self._update_pair(pair_id, lambda p: p)
-        if pair.fence in (Fence.FREEZE_REQUESTED, Fence.REFUSED):
-            self._wait_frozen(pair_id)
-        source = self._volumes.get(pair.source, kind=self._kind_of(pair.source))
-        target = self._store_volume(pair.targets[0].volume)
-        failpoints.hit("copy-fenced")
-        self._make_luns(source, target)
-        tracking.start(self._arrays, pair)  # from the cut on, for a differential resync
-        failpoints.hit("copy-luns-made")
-        def mark(p: Pair) -> Pair:
-            return dataclasses.replace(p, cut_at=time.time())
-        self._update_pair(pair_id, mark)
-
     def _kind_of(self, vid: str) -> VolumeKind:
         return VolumeKind.SNAPSHOT if vid.startswith("vs-") else VolumeKind.VOLUME
 
@@ -442,21 +412,6 @@ class SnapshotService:
         if rec is None:
             raise errors.NotFound(f"{vid} does not exist")
         return rec.value
-
-    def _wait_frozen(self, pair_id: str) -> None:
-        deadline = time.monotonic() + FREEZE_WAIT
-        while time.monotonic() < deadline:
-            rec = self._store.get(S.PAIRS, pair_id)
-            if rec is None:
-                raise errors.NotFound(f"pair {pair_id} vanished")
-            if rec.value.fence is Fence.FROZEN:
-                return
-            if rec.value.fence is Fence.REFUSED:
-                raise errors.PreconditionFailed(
-                    f"the node holding the source could not freeze it: {rec.value.fence_message}")
-            time.sleep(POLL / 2)
-        raise errors.OperationPending(
-            f"node {pair_id} did not freeze the source within {FREEZE_WAIT:.0f}s; try again")
 
     def _set_fence(self, pair_id: str, fence: Fence, *, node: str = "", message: str = "") -> Pair:
         def change(p: Pair) -> Pair:
@@ -491,11 +446,13 @@ class SnapshotService:
                 except errors.Conflict:
                     continue
 
-    def _make_luns(self, source: VirtualVolume, target: VirtualVolume) -> None:
-        """Clones for the INTERNAL slots, fresh LUNs for the rest; idempotent.  Called at the
-        cut only, so a clone found is always made again: it belongs to an earlier instant (the
-        pair's last copy, for a resync; a cut made again after a crash, whose writes were let go
-        in between; a clone is never updated in place)."""
+    def _make_luns(self, source: VirtualVolume, target: VirtualVolume, *, fresh: bool = True,
+                   clones: bool = True) -> None:
+        """Fresh LUNs for the slots copied from the source (`fresh`: made before the cut, so
+        the writes are held the shortest time) and clones for the INTERNAL slots (`clones`: at
+        the instant); idempotent.  A clone found is always made again: it belongs to an
+        earlier instant (the pair's last copy, for a resync; a cut made again after a crash,
+        whose writes were let go in between; a clone is never updated in place)."""
         prec = self._store.get(S.PAIRS, target.id)
         if prec is None:  # undone meanwhile: without the pair, clones would be made as full LUNs
             raise errors.NotFound(f"pair {target.id} is gone")
@@ -505,9 +462,13 @@ class SnapshotService:
             if (e.array, e.lun) in made:
                 continue
             made.add((e.array, e.lun))
-            driver = self._arrays.driver(e.array)
             clone_of = self._clone_source(source, target, i)
-            if clone_of is not None and (e.array, clone_of) in src_luns:
+            is_clone = clone_of is not None and (e.array, clone_of) in src_luns
+            if not (clones if is_clone else fresh):
+                continue
+            driver = self._arrays.driver(e.array)
+            if is_clone:
+                assert clone_of is not None
                 copier = require_internal_copy(driver, self._arrays.info(e.array, fresh=False).abilities)
                 driver.delete_lun(lun_id=e.lun)
                 lun = copier.copy_lun_internal(source=clone_of, name=e.lun)
@@ -941,18 +902,14 @@ class SnapshotService:
                     size=source.size, requested=_arrays(parameters), parameters=dict(parameters),
                     cut_later=True)
 
-    def hold_member(self, snapshot_id: str) -> None:
-        """Ask for the member's source to be held (even where its image alone would be atomic)."""
-        self._hold(snapshot_id, always=True)
+    def prepare_member(self, snapshot_id: str) -> cut.Prepared | None:
+        """Make ready to cut the member: `_prepare`, holding even a source whose image alone
+        would be atomic (None: it is cut already)."""
+        return self._prepare(snapshot_id, group=True)
 
-    def await_member(self, snapshot_id: str) -> None:
-        """Return once the member's source is held; raise if its node refused."""
-        if self._update_pair(snapshot_id, lambda p: p).fence in (Fence.FREEZE_REQUESTED, Fence.REFUSED):
-            self._wait_frozen(snapshot_id)
-
-    def cut_member(self, snapshot_id: str) -> None:
-        """Make the member's target LUNs while its source is held, and mark the instant."""
-        self._take(snapshot_id)
+    def mark_member(self, prepared: cut.Prepared) -> None:
+        """The member is cut (services/groups.cut_group): record its instant."""
+        self._mark(prepared)
 
     def start_member(self, snapshot_id: str) -> None:
         """Run the member's copies; its source is let go when they end."""

@@ -20,6 +20,7 @@ from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
 from csi_virtvol.store import base as S
 from csi_virtvol.store.sqlite import SqliteStore
 from harness.plugin import NODE_ID, Plugin, block_cap, mount_cap, running_plugin, unique
+from loopfs import loop_filesystem
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -215,28 +216,124 @@ def _frozen_write(path: Path, timeout: float = 10.0) -> bool:
 
 
 @pytest.mark.root
-def test_a_member_that_cannot_be_held_releases_all_others(two_arrays: Plugin, tmp_path: Path) -> None:
-    """A raw block volume in use cannot be frozen: its node refuses.  The group fails with
-    FAILED_PRECONDITION, the other member (already frozen) is let go, and nothing is left."""
+def test_a_member_whose_node_refuses_releases_all_others(two_arrays: Plugin, tmp_path: Path) -> None:
+    """B is published to a node that has not staged it: that node refuses to cut it.  The group
+    fails with FAILED_PRECONDITION, the other member (already held) is let go and its cut
+    dropped, and nothing is left."""
     p = two_arrays
     cap = mount_cap("ext4")
     a = create_volume(p, 64 * MiB, cap=cap, arrays="pool-a").volume_id
     b = create_volume(p, 64 * MiB, cap=block_cap(), arrays="pool-b").volume_id
     stage(p, p.node, NODE_ID, a, tmp_path / "a", cap)
-    stage(p, p.node, NODE_ID, b, tmp_path / "b", block_cap())
+    p.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=b, node_id=NODE_ID, volume_capability=block_cap()))
     before = p.footprint()
     with pytest.raises(grpc.RpcError) as e:
         p.groups.CreateVolumeGroupSnapshot(pb.CreateVolumeGroupSnapshotRequest(
             name=unique("group"), source_volume_ids=[a, b]))
     assert e.value.code() is Code.FAILED_PRECONDITION, e.value.details()
-    assert "raw block" in (e.value.details() or "")
+    assert "not staged" in (e.value.details() or "")
     assert p.footprint() == before, "the failed group left a member behind"
-    assert _frozen_write(tmp_path / "a" / "after.bin"), "volume A is still frozen after the group failed"
+    assert _frozen_write(tmp_path / "a" / "after.bin"), "volume A is still held after the group failed"
     with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
         assert st.list(S.PAIRS) == [] and st.list(S.GROUPS) == []
         assert {r.value.state.value for r in st.list(S.LUNS)} == {"in-use"}
+    deadline = time.monotonic() + 10
+    while (left := [str(x) for x in (p.data_dir / "node").rglob("cuts/*")]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"the held member's cut was not dropped: {left}"
     unstage(p, p.node, NODE_ID, a, tmp_path / "a")
-    unstage(p, p.node, NODE_ID, b, tmp_path / "b")
+    p.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=b, node_id=NODE_ID))
+
+
+@pytest.fixture
+def big_pools(tmp_path: Path) -> Iterator[Plugin]:
+    """Two file pools on an ext4 of their own (no reflink: every extent a host copy), room for
+    two 256 MiB volumes, their snapshots and a restore."""
+    with loop_filesystem("ext4", tmp_path / "fs", size=4 << 30) as mnt:
+        with running_plugin(tmp_path / "plugin", [("pool-a", mnt / "a", 0, {}), ("pool-b", mnt / "b", 0, {})]) as p:
+            yield p
+
+
+@pytest.mark.root
+def test_group_of_two_volumes_in_use_holds_their_writes_only_for_an_instant(big_pools: Plugin,
+                                                                            tmp_path: Path) -> None:
+    """A mounted ext4 (on this node) and a raw block volume (on node 2), 256 MiB each, each with a
+    writer that fdatasyncs records every few ms, and data enough that each member's host copy
+    takes seconds.  The group is cut live: both writers stall less than STALL_MAX (the freeze it
+    replaces held the ext4 writer for the whole copy, and refused the raw block member), and each
+    image holds exactly the records its writer had acknowledged at the group's instant."""
+    from test_live_cut import RECORD, STALL_MAX, Writer, _check_image, prefix_length
+
+    p = big_pools
+    size = 256 * MiB
+    fs_cap, raw_cap = mount_cap("ext4"), block_cap()
+    a = create_volume(p, size, cap=fs_cap, arrays="pool-a").volume_id
+    b = create_volume(p, size, cap=raw_cap, arrays="pool-b").volume_id
+    with node_plugin(p, NODE_2) as node2:
+        stage(p, p.node, NODE_ID, a, tmp_path / "a", fs_cap)
+        stage(p, node2, NODE_2, b, tmp_path / "b", raw_cap)
+        dev = tmp_path / "b-dev"
+        node2.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=b, staging_target_path=str(tmp_path / "b"), target_path=str(dev), volume_capability=raw_cap))
+        try:
+            fill = os.urandom(96 * MiB)   # data to copy (holes are skipped), slowed to seconds below
+            (tmp_path / "a" / "fill.bin").write_bytes(fill)
+            fd = os.open(dev, os.O_WRONLY)
+            try:
+                os.pwrite(fd, fill, 64 * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.sync()
+            for v in (a, b):
+                p.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+                    volume_id=v, mutable_parameters={"copyBandwidth": "32Mi"}))
+            with Writer(tmp_path / "a" / "seq.bin", create=True) as wa, Writer(dev, create=False) as wb:
+                while len(wa.acked) < 50 or len(wb.acked) < 50:
+                    time.sleep(0.01)
+                t0 = time.time()
+                g = group_ready(p, unique("group"), [a, b])
+                t1 = time.time()
+                time.sleep(0.3)
+            assert g.ready_to_use, "a raw block member in use is cut, not refused"
+            assert t1 - t0 > 2, f"the copies took {t1 - t0:.1f}s: too short to show a hold for the copy"
+            stalls = {"ext4": wa.longest_stall(t0, t1), "raw block": wb.longest_stall(t0, t1)}
+            print(f"group snapshot in {t1 - t0:.2f}s; the writers' longest stalls: "
+                  + ", ".join(f"{k} {v:.3f}s" for k, v in stalls.items()))
+            for what, stall in stalls.items():
+                assert stall < STALL_MAX, f"the {what} writer stalled {stall:.3f}s during the group snapshot"
+            by_source = {s.source_volume_id: s.snapshot_id for s in g.snapshots}
+            with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+                pairs = {v: st.get(S.PAIRS, by_source[v]) for v in (a, b)}
+                snap_b = st.get(S.VOLUMES, by_source[b])
+            cuts = {}
+            for v, rec in pairs.items():
+                assert rec is not None and rec.value.fence.value == "released"
+                assert {e.method.value for e in rec.value.targets[0].extents} == {"host"}
+                cuts[v] = rec.value.cut_at
+            # B's image, read from its snapshot's LUNs
+            assert snap_b is not None
+            image = bytearray()
+            for e in snap_b.value.extents:
+                with open(p.pools[e.array] / "luns" / f"{e.lun}.img", "rb") as f:
+                    f.seek(e.offset)
+                    image += f.read(min(e.length, (len(wb.acked) + 64) * RECORD - len(image)))
+            _check_image(bytes(image), wb.acked, cuts[b])
+            assert prefix_length(bytes(image)) < len(wb.acked), "the image holds records written after the cut"
+            # A's image, through a restored filesystem
+            restored = create_volume(p, size, source=snap_source(by_source[a]), cap=fs_cap).volume_id
+            where = tmp_path / "restored-a"
+            stage(p, p.node, NODE_ID, restored, where, fs_cap)
+            try:
+                _check_image((where / "seq.bin").read_bytes(), wa.acked, cuts[a])
+                assert (where / "fill.bin").read_bytes() == fill
+            finally:
+                unstage(p, p.node, NODE_ID, restored, where)
+        finally:
+            node2.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=b, target_path=str(dev)))
+            unstage(p, node2, NODE_2, b, tmp_path / "b")
+            unstage(p, p.node, NODE_ID, a, tmp_path / "a")
 
 
 # -- failures and crashes at each step of a group's cut (a separate plugin process) ---------------
@@ -366,7 +463,7 @@ def test_no_member_is_cut_alone_while_its_group_is_cutting(ext4_mount: Path, tmp
             assert pair.value.fence.value == "none" and pair.value.state.value == "copying"
         assert {r.value.state.value for r in store.list(S.LUNS)} == {"in-use"}
         # the group then cuts them together, and they complete
-        cut_group(core.snapshots, members)
+        cut_group(store, core.snapshots, members)
         S.upsert(store, S.GROUPS, dataclasses.replace(group, state=GroupState.CUT, cut_at=time.time()))
         core.snapshots.resume()
         deadline = time.monotonic() + 60
