@@ -23,7 +23,11 @@ after the copy, for the pair's next resync (`since_cut`); it drops it with the p
 
 cut_at_one_instant() is the one entry point: a snapshot cuts one member, a group
 snapshot several (hold all, cut all, release all).  What must be of the instant and is not
-the node's cut is made while the writes are held (`while_held`): internal clones.
+the node's cut is made while the writes are held (`while_held`): internal clones, and the
+starts of remote copies (an array's own copy of a LUN is point-in-time from the moment it
+starts, qsd's blockdev-backup by copy-before-write; started later, it would hold writes made
+after the cut).  A remote copy of a source cut live is therefore never pushed again: its
+LUNs have moved on (`luns_still`).
 
 A source published while a copy reads its LUNs directly (fence PROHIBITED: it was published
 nowhere at the cut) is not held back for the copy (services/publish.py calls
@@ -91,7 +95,7 @@ class Member:
 class Prepared:
     """A pair ready to be cut (services/snapshots.py made its fresh target LUNs and fenced an
     unpublished source): `at_instant` makes what must be of the cut's instant, with the writes
-    held (the clones of a source in use); None: nothing."""
+    held (the clones of a source in use, and the starts of its remote copies); None: nothing."""
     member: Member
     at_instant: Callable[[], None] | None = None
 
@@ -137,7 +141,7 @@ def cut_at_one_instant(store: StateStore, members: Sequence[Member], *,
                        timeout: float = CUT_WAIT, points: Points = ONE) -> list[Pair]:
     """Cut the sources of `members` at one instant: hold the writes of every source in use
     (a member with a `node`) and cut it, call `while_held` (make what must belong to the same
-    instant: internal clones, the images of members nothing writes), then
+    instant: internal clones, remote copy starts, the images of members nothing writes), then
     let all writes go.  One source in use and no `while_held`: its node lets the writes go
     right after its cut.
 
@@ -248,6 +252,17 @@ def publish_mid_copy(store: StateStore, source_id: str, *, node: str, readonly: 
             log.info("pair %s: %s published to %s mid-copy; the node cuts it when it stages it",
                      p.id, source_id, node)
     return waiting
+
+
+def luns_still(pair: Pair, *, snapshot_source: bool) -> bool:
+    """Whether the source's LUNs still hold the image of the pair's cut (nothing wrote them
+    since), so an array may read them again to copy it (a remote copy pushed again): fenced
+    (PROHIBITED; or published since, but not yet written: CUT_ON_STAGE, or cut at its stage
+    and waiting for the copy to move onto its view), frozen for the whole copy (FROZEN), or a
+    snapshot.  A source cut live is written from the instant on."""
+    if pair.fence in (Fence.PROHIBITED, Fence.CUT_ON_STAGE, Fence.FROZEN) or awaits_switch(pair):
+        return True
+    return snapshot_source and pair.fence is Fence.NONE
 
 
 def awaits_switch(pair: Pair) -> bool:
@@ -559,5 +574,5 @@ class CutKeeper:
             self._release_quietly(pair_id, volume)
 
 
-__all__ = ["Member", "Prepared", "Points", "cut_at_one_instant", "abort", "check", "source_for", "CutKeeper", "LIVE", "STORE_KEY",
+__all__ = ["Member", "Prepared", "Points", "cut_at_one_instant", "luns_still", "abort", "check", "source_for", "CutKeeper", "LIVE", "STORE_KEY",
            "store_limit", "publish_mid_copy", "awaits_switch", "let_go", "STAGE_WAIT"]

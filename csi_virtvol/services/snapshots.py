@@ -14,8 +14,8 @@ Order of work, each step idempotent so a restarted controller resumes it:
      publish hands it to a node, which cuts it before writing it: cut.publish_mid_copy);
      make the fresh target LUNs;
   3. cut: a published source is cut live by its node's plugin (services/cut.py), and its
-     internal clones are made while its writes are held; the other sources' clones were
-     made in 2;
+     internal clones are made and its remote copies started while its writes are held;
+     the other sources' clones were made in 2;
   4. run the host and remote copies, checkpointing bytes done into the pair;
   5. lift the fence; the pair is SPLIT and the target AVAILABLE.
 """
@@ -341,11 +341,12 @@ class SnapshotService:
 
     def _prepare(self, pair_id: str, *, group: bool = False) -> cut.Prepared | None:
         """All a cut of `pair_id` needs before its instant (None: it is cut already).  The
-        fresh target LUNs are made before any write is held.  A source nothing writes needs no hold: an
+        fresh target LUNs are made, remote copies left by an earlier attempt cancelled, and the
+        tracking started, before any write is held.  A source nothing writes needs no hold: an
         unpublished one is fenced (LUNs access-prohibited), a snapshot never changes, and one
         reflink clone alone is atomic (not in a `group`, whose instant must cover all); its
         clones are made now.  A source in use is cut live on its node (the member's node), and
-        only its clones are made at the instant (`at_instant`)."""
+        only its clones and remote copy starts are made at the instant (`at_instant`)."""
         rec = self._store.get(S.PAIRS, pair_id)
         if rec is None or rec.value.cut_at:
             return None
@@ -366,19 +367,28 @@ class SnapshotService:
         else:
             node = attached[0].node  # a live cut: writes held for an instant (services/cut.py)
         failpoints.hit("copy-fenced")
+        steps = {st.index: st for st in self._steps(source, target)}
+        remote = [r for r in rows if r.method is CopyMethod.REMOTE]
+        for r in remote:  # an earlier attempt's: of another instant
+            self._cancel_remote(r, f"{pair_id}-{r.index}")
         self._make_luns(source, target, clones=not node)
+        tracking.start(self._arrays, pair)  # before the instant: every write after it is tracked
         member = cut.Member(pair=pair.id, node=node)
-        if not node or not any(r.method is CopyMethod.INTERNAL for r in rows):
+        if not node:
+            return cut.Prepared(member=member)
+        resync = pair.targets[0].state is PairState.RESYNCING
+        starts = [self._remote_start(pair_id, r, steps[r.index], resync=resync)[1] for r in remote]
+        if not starts and not any(r.method is CopyMethod.INTERNAL for r in rows):
             return cut.Prepared(member=member)
 
         def at_instant() -> None:
             self._make_luns(source, target, fresh=False)
+            for start in starts:
+                start()
         return cut.Prepared(member=member, at_instant=at_instant)
 
     def _mark(self, prepared: cut.Prepared) -> None:
         """The pair is cut: its instant is the node's cut (a live one), or now."""
-        pair = self._update_pair(prepared.member.pair, lambda p: p)
-        tracking.start(self._arrays, pair)  # from the cut on, for a differential resync
         failpoints.hit("copy-luns-made")
         live = bool(prepared.member.node)
         self._update_pair(prepared.member.pair, lambda p: dataclasses.replace(
@@ -654,10 +664,12 @@ class SnapshotService:
                 self._runner.start(copy)
         self._runner.cancel(job)
 
-    def _remote_copy(self, vid: str, row: ExtentCopy, step: planner.CopyStep, stop: threading.Event,
-                     *, resync: bool) -> None:
-        """The source array pushes the whole source LUN into the target LUN (seed 330).
-        A resync pushes only what the pair's tracking saw written since the last copy."""
+    def _remote_start(self, vid: str, row: ExtentCopy, step: planner.CopyStep, *,
+                      resync: bool) -> tuple[RemoteCopyCapable, Callable[[], None]]:
+        """The source array of `row`, and a start of its push of the source LUN into the target
+        LUN (seed 330; idempotent by job name): point-in-time from the moment it starts, so a
+        source in use has it started at the cut, its writes held.  A resync pushes only what
+        the pair's tracking saw written since the last copy."""
         src_array = step.source.array
         pusher = require_remote_copy(self._arrays.driver(src_array),
                                      self._arrays.info(src_array, fresh=False).abilities)
@@ -665,12 +677,9 @@ class SnapshotService:
         if target is None:
             raise errors.NotFound(f"target LUN {step.target_extent.array}/{step.target_extent.lun} is gone")
         job = f"{vid}-{row.index}"
-        since = ""
-        if resync and tracking.tracker(self._arrays, src_array) is not None:
-            since = tracking.name_for(vid)
-        self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
+        since = tracking.name_for(vid) if resync and tracking.tracker(self._arrays, src_array) is not None else ""
 
-        def launch() -> None:
+        def start() -> None:
             try:
                 pusher.start_remote_copy(source=step.source.lun, target_address=target.address, job=job,
                                          since=since)
@@ -679,17 +688,39 @@ class SnapshotService:
                     raise
                 log.warning("pair %s: tracking of %s is gone; pushing it whole", vid, step.source.lun)
                 pusher.start_remote_copy(source=step.source.lun, target_address=target.address, job=job)
+        return pusher, start
 
-        launch()
+    def _remote_copy(self, vid: str, row: ExtentCopy, step: planner.CopyStep, stop: threading.Event,
+                     *, resync: bool) -> None:
+        """Follow the source array's push of `row`.  It is started here when nothing writes
+        the source (it may be started again if the array loses it); a source cut live had it
+        started at the cut, and a lost one fails the copy: pushed again, it would carry writes
+        made after the cut."""
+        pusher, start = self._remote_start(vid, row, step, resync=resync)
+        job = f"{vid}-{row.index}"
+        self._set_row(vid, row.index, state=ExtentCopyState.COPYING)
+        failpoints.hit("copy-remote-starting")
+
+        def still() -> bool:
+            pair = self._update_pair(vid, lambda p: p)
+            return cut.luns_still(pair, snapshot_source=self._kind_of(pair.source) is VolumeKind.SNAPSHOT)
+        if still():
+            start()
+        failpoints.hit("copy-remote-started")
         attempts = 0
         for _ in _polls(stop):
             try:
                 st = pusher.remote_copy_progress(job=job)
-            except errors.NotFound:  # the array forgot the job (restart): push again, the source is fenced
+            except errors.NotFound:  # the array forgot the job (restart)
+                if not still():
+                    raise errors.BackendError(
+                        f"the remote copy of extent {row.index} started at the cut is gone from array "
+                        f"{step.source.array} (restarted?); the source has been written since, so it is "
+                        "not pushed again: take the snapshot again") from None
                 attempts += 1
                 if attempts > 3:
                     raise errors.BackendError(f"remote copy of extent {row.index} keeps vanishing") from None
-                launch()
+                start()
                 continue
             if st.done and st.error:
                 raise errors.BackendError(f"remote copy of extent {row.index} failed: {st.error}")
@@ -699,7 +730,8 @@ class SnapshotService:
                 return
             if st.bytes_total:
                 self._set_row(vid, row.index, done=row.bytes_total * st.bytes_done // st.bytes_total)
-        pusher.cancel_remote_copy(job=job)
+        # stopped (the controller goes): the array carries on, the next worker follows it; a
+        # discard cancels it (_cancel_remote)
 
     def _copy_node(self, step: planner.CopyStep) -> str:
         """A node that reaches both arrays: the one they are pinned to, if any."""

@@ -271,3 +271,137 @@ def test_metadata_delta_between_qsd_snapshots(plugin: Plugin, tmp_path: Path) ->
         snapshot_id=b)) for m in r.block_metadata]
     assert any(o <= 12 * MiB and 12 * MiB + 4096 <= o + n for o, n in alloc)
     assert not any(o < 8 * MiB + 4096 and 8 * MiB < o + n for o, n in alloc), "a never-written hole"
+
+
+def test_remote_copy_of_a_volume_in_use_is_cut_at_the_instant(plugin: Plugin, tmp_path: Path) -> None:
+    """A volume on qa in use as a raw block device, a writer fdatasyncing numbered records
+    throughout a snapshot onto qb: qa pushes the LUN itself (blockdev-backup, point-in-time
+    from the moment the job starts).  The driver starts it at the cut, the writes held, so
+    the image holds exactly the records acknowledged at the cut (and at most the one in
+    flight).  The worker that follows the copy is slowed 1.5 s (failpoint
+    copy-remote-starting): a push started there carries the records written meanwhile."""
+    from csi_virtvol import failpoints
+    from test_live_cut import Writer, _check_image, prefix_length
+
+    p = plugin
+    vid = create_volume(p, 32 * MiB, arrays="qa").volume_id
+    with Staged(p, vid, tmp_path) as dev:
+        with Writer(dev, create=False) as w:
+            while len(w.acked) < 50:
+                time.sleep(0.01)
+            with failpoints.armed("copy-remote-starting", "sleep:1.5"):
+                far = snapshot(p, vid, arrays="qb")
+            time.sleep(0.3)
+    assert methods(p, far) == ["remote"]
+    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+        rec = st.get(S.PAIRS, far)
+        assert rec is not None
+        cut_at, fence = rec.value.cut_at, rec.value.fence.value
+    assert fence == "released"
+    image = image_bytes(p, far)
+    n = prefix_length(image)
+    after = sum(1 for _, t in w.acked if t > cut_at)
+    print(f"remote copy of a volume in use: {n} records in the image, {after} acknowledged after the cut")
+    _check_image(image, w.acked, cut_at)
+    p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=far))
+    p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def _qsd_jobs(pool: Path) -> list[dict[str, object]]:
+    from csi_virtvol.backends.qmp import qmp_session
+
+    with qmp_session(str(pool / "qmp.sock")) as qmp:
+        return list(qmp.execute("query-jobs"))
+
+
+def _lose_the_job(pool: Path) -> None:
+    """The source array forgets its remote copy (as a daemon restart does): wait for the job,
+    then cancel and dismiss it behind the driver's back."""
+    from csi_virtvol.backends.qmp import qmp_session
+
+    deadline = time.monotonic() + 10
+    while not (jobs := _qsd_jobs(pool)):
+        assert time.monotonic() < deadline, "no remote copy was started"
+        time.sleep(0.02)
+    with qmp_session(str(pool / "qmp.sock")) as qmp:
+        for job in jobs:
+            try:
+                qmp.execute("job-cancel", {"id": job["id"]})
+            except Exception:  # concluded already
+                pass
+            while next(j for j in qmp.execute("query-jobs") if j["id"] == job["id"])["status"] != "concluded":
+                time.sleep(0.02)
+            qmp.execute("job-dismiss", {"id": job["id"]})
+
+
+def test_a_lost_remote_copy_of_a_volume_in_use_fails_instead_of_pushing_again(plugin: Plugin,
+                                                                              tmp_path: Path) -> None:
+    """The push started at the cut of a volume in use vanishes from its array before it is
+    followed: pushing again would copy what was written since the cut, so the snapshot fails
+    with the reason and nothing is pushed again; the next CreateSnapshot makes a new cut (its
+    push finds the old one's target node, which the job left: a crash between dismissing the
+    job and removing its node leaves that too)."""
+    from csi_virtvol import failpoints
+    from test_live_cut import Writer, _check_image
+
+    p = plugin
+    vid = create_volume(p, 32 * MiB, arrays="qa").volume_id
+    name = unique("far")
+    req = pb.CreateSnapshotRequest(name=name, source_volume_id=vid, parameters={"arrays": "qb"})
+    with Staged(p, vid, tmp_path) as dev:
+        with Writer(dev, create=False) as w:
+            while len(w.acked) < 50:
+                time.sleep(0.01)
+            with failpoints.armed("copy-remote-started", "sleep:1.5"):
+                sid = p.controller.CreateSnapshot(req).snapshot.snapshot_id
+                _lose_the_job(tmp_path / "qa")
+                deadline = time.monotonic() + 30
+                while True:
+                    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+                        rec = st.get(S.PAIRS, sid)
+                        assert rec is not None
+                    if rec.value.state.value == "failed":
+                        break
+                    assert time.monotonic() < deadline, "the snapshot did not fail (was the lost push made again?)"
+                    time.sleep(0.1)
+            reason = rec.value.targets[0].reason
+            assert "not pushed again" in reason, reason
+            time.sleep(0.5)
+            assert _qsd_jobs(tmp_path / "qa") == [], "the source array was made to push the moved-on source again"
+            deadline = time.monotonic() + 60
+            while not (snap := p.controller.CreateSnapshot(req).snapshot).ready_to_use:
+                assert time.monotonic() < deadline, "the snapshot made again never became ready"
+                time.sleep(0.3)
+            time.sleep(0.3)
+    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+        rec = st.get(S.PAIRS, snap.snapshot_id)
+        assert rec is not None
+    _check_image(image_bytes(p, snap.snapshot_id), w.acked, rec.value.cut_at)
+    p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def test_a_lost_remote_copy_of_an_unpublished_volume_is_pushed_again(plugin: Plugin, tmp_path: Path) -> None:
+    """Unpublished, the source's LUNs are access-prohibited until the copy ends: a push that
+    vanishes is started again and the snapshot completes, equal to the source."""
+    from csi_virtvol import failpoints
+
+    p = plugin
+    vid = create_volume(p, 32 * MiB, arrays="qa").volume_id
+    payload = os.urandom(32 * MiB)
+    with Staged(p, vid, tmp_path) as dev:
+        with open(dev, "r+b") as f:
+            f.write(payload)
+    name = unique("far")
+    req = pb.CreateSnapshotRequest(name=name, source_volume_id=vid, parameters={"arrays": "qb"})
+    with failpoints.armed("copy-remote-started", "sleep:1.5"):
+        p.controller.CreateSnapshot(req)
+        _lose_the_job(tmp_path / "qa")
+        deadline = time.monotonic() + 60
+        while not (snap := p.controller.CreateSnapshot(req).snapshot).ready_to_use:
+            assert time.monotonic() < deadline, "the snapshot never became ready"
+            time.sleep(0.3)
+    assert methods(p, snap.snapshot_id) == ["remote"]
+    assert image_bytes(p, snap.snapshot_id) == payload
+    p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
