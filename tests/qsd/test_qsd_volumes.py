@@ -405,3 +405,71 @@ def test_a_lost_remote_copy_of_an_unpublished_volume_is_pushed_again(plugin: Plu
     assert image_bytes(p, snap.snapshot_id) == payload
     p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def test_group_of_volumes_in_use_with_a_remote_copied_member_is_one_instant(plugin: Plugin,
+                                                                            tmp_path: Path) -> None:
+    """A group snapshot onto qb of a qa volume (pushed by qa: remote copy) and a file-pool volume
+    (host copy), both raw block in use, one writer alternating between them (record n to A when
+    even, to B when odd, each after the one before was acknowledged).  The push is started inside
+    the group's hold, so a record of either never appears in its image without every earlier one
+    of the other; the worker is slowed 1.5 s (copy-remote-starting), so a push started there would
+    carry records written long after B's cut."""
+    import threading
+
+    from csi_virtvol import failpoints
+    from test_groups import BLOCK, _record, _records
+
+    p = plugin
+    a = create_volume(p, 32 * MiB, arrays="qa").volume_id
+    b = create_volume(p, 32 * MiB, arrays="fast").volume_id
+    acked: list[int] = []
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    with Staged(p, a, tmp_path) as dev_a, Staged(p, b, tmp_path) as dev_b:
+        def writer() -> None:
+            fds = [os.open(d, os.O_WRONLY) for d in (dev_a, dev_b)]
+            try:
+                n = 0
+                while not stop.is_set():
+                    os.pwrite(fds[n % 2], _record(n), (n // 2) * BLOCK)
+                    os.fdatasync(fds[n % 2])
+                    acked.append(n)
+                    n += 1
+                    time.sleep(0.002)
+            except BaseException as e:
+                failure.append(e)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        w = threading.Thread(target=writer)
+        w.start()
+        try:
+            while len(acked) < 100:
+                time.sleep(0.01)
+            req = pb.CreateVolumeGroupSnapshotRequest(name=unique("group"), source_volume_ids=[a, b],
+                                                      parameters={"arrays": "qb"})
+            with failpoints.armed("copy-remote-starting", "sleep:1.5"):
+                deadline = time.monotonic() + 120
+                while not (g := p.groups.CreateVolumeGroupSnapshot(req).group_snapshot).ready_to_use:
+                    assert time.monotonic() < deadline, "the group never became ready"
+                    time.sleep(0.3)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            w.join()
+    assert not failure, failure
+    by_source = {s.source_volume_id: s.snapshot_id for s in g.snapshots}
+    assert methods(p, by_source[a]) == ["remote"] and methods(p, by_source[b]) == ["host"]
+    in_a = _records(image_bytes(p, by_source[a]))
+    in_b = _records(image_bytes(p, by_source[b]))
+    assert in_a == list(range(0, 2 * len(in_a), 2)) and in_b == list(range(1, 2 * len(in_b), 2))
+    max_a, max_b = in_a[-1], in_b[-1]
+    assert max_a >= 100 and acked[-1] > max(max_a, max_b) + 100, "the writer must run on both sides of the cut"
+    assert max_b <= max_a + 1, f"B holds record {max_b}, but A lacks record {max_b - 1} written before it"
+    assert max_a <= max_b + 1, f"A holds record {max_a}, but B lacks record {max_a - 1} written before it"
+    p.groups.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(
+        group_snapshot_id=g.group_snapshot_id, snapshot_ids=list(by_source.values())))
+    for v in (a, b):
+        p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v))
