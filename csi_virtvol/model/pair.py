@@ -67,7 +67,10 @@ class Fence(enum.Enum):
     (seed [0046]) until the copy ends, so ControllerPublish waits.
     FREEZE_REQUESTED -> FROZEN -> RELEASED: the source is in use on
     `fence_node`; that node's plugin holds its writes (fsfreeze) while the
-    image is cut, and lets them go when the controller says RELEASED.
+    image is cut, and lets them go when the controller says RELEASED.  The
+    controller no longer asks for it (group snapshots did, before they were cut
+    live); nodes still answer it, and FROZEN is what a node that cannot cut
+    answers a CUT_REQUESTED.
     CUT_REQUESTED -> [CUT_HELD ->] CUT -> RELEASED: a live cut (services/cut.py): the
     node holds the writes only for the instant, makes a copy-before-write cut named
     `cut_id` and answers with its frozen view (`cut_view`); CUT_HELD keeps the writes held
