@@ -140,11 +140,11 @@ def test_no_worker_starts_on_a_pair_being_undone(controller: tuple[Core, Lying],
     made_by: list[str] = []
     real_make, real_release = svc._make_luns, svc._release
 
-    def make_luns(source: Any, target: Any) -> None:
+    def make_luns(source: Any, target: Any, **which: bool) -> None:
         made_by.append(threading.current_thread().name)
         if len(made_by) == 1:
             raise errors.BackendError("injected: the cut cannot be made")
-        real_make(source, target)
+        real_make(source, target, **which)
 
     request = threading.current_thread()
 
