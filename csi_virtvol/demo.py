@@ -26,6 +26,7 @@ and the mapping), so it can be repeated by hand with `csi-virtvol volume|snapsho
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import shutil
@@ -41,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from csi_virtvol import console, errors
+from csi_virtvol import console, errors, records
 from csi_virtvol.config import load_config, parse_size
 from csi_virtvol.csi import client as C
 
@@ -49,8 +50,6 @@ MiB = 1 << 20
 VOLUME = 128 * MiB
 IMAGE = 512 * MiB          # sparse; XFS wants 300 MB at least
 PAYLOAD = 80 * MiB         # written before the snapshot: more than one extent holds
-RECORD = 4096              # the writer's records
-WRITER_PERIOD = 0.003
 WRITER_ALONE = 1.0         # seconds the writer runs before the snapshot ...
 WRITER_AFTER = 1.0         # ... and after it
 ORDER = ["internal", "remote", "host"]
@@ -221,82 +220,6 @@ def compare(a: bytes, b: bytes) -> str:
     return "they differ"
 
 
-def record(i: int) -> bytes:
-    head = b"REC%010d|" % i
-    return head + bytes([i % 251 + 1]) * (RECORD - len(head))
-
-
-class Writer:
-    """Writes record i at offset i*RECORD of a file and fdatasyncs it, every few ms;
-    `acked` keeps (i, wall-clock time the write was acknowledged)."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        self.acked: list[tuple[int, float]] = []
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, name="demo-writer", daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        i = 0
-        try:
-            while not self._stop.is_set():
-                os.pwrite(self._fd, record(i), i * RECORD)
-                os.fdatasync(self._fd)
-                self.acked.append((i, time.time()))
-                i += 1
-                time.sleep(WRITER_PERIOD)
-        except OSError as e:
-            self.error = e
-        finally:
-            os.close(self._fd)
-
-    def stalled(self) -> float:
-        """Seconds since its last acknowledged write."""
-        return time.time() - (self.acked[-1][1] if self.acked else 0.0)
-
-    def stop(self) -> None:
-        """Stop it.  A writer stuck in a write (its filesystem left frozen) is thawed first:
-        a frozen filesystem can be neither unmounted nor left behind."""
-        self._stop.set()
-        self._t.join(timeout=2)
-        if self._t.is_alive():
-            subprocess.run(["fsfreeze", "--unfreeze", os.path.dirname(self._path)], capture_output=True,
-                           check=False)
-            self._t.join(timeout=10)
-            if self._t.is_alive():
-                raise errors.BackendError(f"the writer is stuck in a write to {self._path}")
-            raise errors.BackendError(f"the writer was stuck in a write to {self._path} until its "
-                                      "filesystem was thawed by hand")
-
-    def longest_pause(self, since: float, until: float) -> float:
-        times = [t for _, t in self.acked if since <= t <= until]
-        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
-
-
-def check_records(image: bytes, acked: list[tuple[int, float]], cut: float) -> str:
-    """What the restored log says about the cut; raises DemoFailed when it is not the
-    volume as it was at the cut."""
-    n = 0
-    while (n + 1) * RECORD <= len(image) and image[n * RECORD:(n + 1) * RECORD] == record(n):
-        n += 1
-    tail = image[n * RECORD:]
-    before = [i for i, t in acked if t < cut]
-    after = len(acked) - len(before)
-    if tail.count(0) != len(tail):
-        raise DemoFailed(f"the restored log holds a torn or foreign record after record {n}")
-    if not before or n - 1 < before[-1]:
-        raise DemoFailed(f"record {before[-1] if before else 0} was acknowledged before the cut "
-                         f"but the restored log ends at {n - 1}")
-    if n - 1 > before[-1] + 1:
-        raise DemoFailed(f"the restored log holds records up to {n - 1}; only {before[-1]} (+1 in flight) "
-                         "were written before the cut")
-    return (f"records 0..{n - 1}: all {len(before)} acknowledged before the cut"
-            f"{' (+1 in flight at the cut)' if n > len(before) else ''}, none of the {after} written after it")
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -400,7 +323,7 @@ class Demo:
             say(f"  (its copyBandwidth is {console.mib(self.bandwidth)}/s, so the host copies can be watched;"
                 f" --copy-bandwidth 0 copies at full speed)")
 
-        writer: Writer | None = None
+        writer: records.Writer | None = None
         wkey = 0
         release_source: Callable[[], None] = lambda: None
         payload = b""
@@ -413,10 +336,10 @@ class Demo:
                 fh.flush()
                 os.fsync(fh.fileno())
             say(f"  wrote {PAYLOAD // MiB} MiB to {target}/data.bin (sha256 {sha(payload)})")
-            writer = Writer(os.path.join(target, "log.bin"))
-            wkey = self.undo.push("stop the writer", writer.stop)
-            say(f"  a writer appends a {RECORD}-byte record to {target}/log.bin every "
-                f"{WRITER_PERIOD * 1000:.0f} ms and fdatasyncs it")
+            writer = records.Writer(os.path.join(target, "log.bin"))
+            wkey = self.undo.push("stop the writer", functools.partial(writer.stop, timeout=2))
+            say(f"  a writer appends a {records.RECORD}-byte record to {target}/log.bin every "
+                f"{records.PERIOD * 1000:.0f} ms and fdatasyncs it")
             time.sleep(WRITER_ALONE)  # its pace without a snapshot, to compare with
             if writer.error is not None:
                 raise DemoFailed(f"the writer failed: {writer.error}")
@@ -479,7 +402,10 @@ class Demo:
                 if fh.read() != payload:
                     raise DemoFailed("data.bin in the restored volume differs from what was written")
             with open(os.path.join(rtarget, "log.bin"), "rb") as fh:
-                verdict = check_records(fh.read(), writer.acked, cut)
+                try:
+                    verdict = records.check_image(fh.read(), writer.acked, cut)
+                except records.NotThePointInTime as e:
+                    raise DemoFailed(f"the restored log: {e}") from e
             release_restore()
             say(f"  data.bin: identical; log.bin: {verdict}")
             self.shown.append(f"restore: byte-identical to the snapshot; its log.bin holds {verdict.split(':')[0]}, "

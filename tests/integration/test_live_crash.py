@@ -41,6 +41,7 @@ import pytest
 import yaml
 
 from csi_virtvol.csi._gen import csi_pb2 as pb
+from csi_virtvol.records import RECORD, Writer, prefix_length
 from csi_virtvol.csi._gen import csi_pb2_grpc as rpc
 from csi_virtvol.model.volume import VolumeKind
 from csi_virtvol.services.volumes import volume_id_for
@@ -50,7 +51,6 @@ from harness.plugin import _teardown_node, mount_cap
 from test_live_stage import leftovers
 
 MiB = 1 << 20
-RECORD = 4096
 NODE = "crash-node"
 CAP = mount_cap("ext4")
 
@@ -80,58 +80,6 @@ CASES = [(*pt, "clone+host") for pt in POINTS] + [
 SIZES = {"clone+host": 320 * MiB, "host": 96 * MiB}
 
 pytestmark = pytest.mark.root
-
-
-def record(i: int) -> bytes:
-    head = b"REC%010d|" % i
-    return head + bytes([i % 251 + 1]) * (RECORD - len(head))
-
-
-def prefix_length(image: bytes) -> int:
-    n = 0
-    while (n + 1) * RECORD <= len(image) and image[n * RECORD:(n + 1) * RECORD] == record(n):
-        n += 1
-    return n
-
-
-class Writer:
-    """Writes record i at offset i*RECORD of `path` and fdatasyncs it, every few ms; records
-    (i, wall-clock time) of each acknowledged record.  An I/O error (the device is gone) stops it."""
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        self.acked: list[tuple[int, float]] = []
-        self.error: OSError | None = None
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        i = 0
-        try:
-            while not self._stop.is_set():
-                os.pwrite(self._fd, record(i), i * RECORD)
-                os.fdatasync(self._fd)
-                self.acked.append((i, time.time()))
-                i += 1
-                time.sleep(0.003)
-        except OSError as e:
-            self.error = e
-
-    def wait(self, n: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.acked) < n:
-            assert time.monotonic() < deadline and self.error is None, f"the writer is stuck ({self.error})"
-            time.sleep(0.01)
-
-    def stop(self, timeout: float = 30) -> None:
-        self._stop.set()
-        self._t.join(timeout)
-        assert not self._t.is_alive(), f"the application's writes are still held {timeout:.0f}s later"
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
 
 
 @contextmanager

@@ -9,14 +9,15 @@ acknowledged before the cut, and at most the one in flight at the cut.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from csi_virtvol import records
 from csi_virtvol.csi._gen import csi_pb2 as pb
+from csi_virtvol.records import PERIOD, RECORD, prefix_length
 from csi_virtvol.store import base as S
 from csi_virtvol.store.sqlite import SqliteStore
 from harness.plugin import NODE_ID, Plugin, block_cap, mount_cap, running_plugin, unique
@@ -24,9 +25,7 @@ from loopfs import loop_filesystem
 
 MiB = 1 << 20
 GiB = 1 << 30
-RECORD = 4096
 STALL_MAX = 0.5   # seconds: the bound of the issue ("held only for the instant")
-PERIOD = 0.003    # the writer's pause between records
 
 pytestmark = pytest.mark.root
 
@@ -46,50 +45,13 @@ def ext4_plugin(big_ext4: Path, tmp_path: Path) -> Iterator[Plugin]:
         yield p
 
 
-def record(i: int) -> bytes:
-    head = b"REC%010d|" % i
-    return head + bytes([i % 251 + 1]) * (RECORD - len(head))
-
-
-def prefix_length(image: bytes) -> int:
-    n = 0
-    while (n + 1) * RECORD <= len(image) and image[n * RECORD:(n + 1) * RECORD] == record(n):
-        n += 1
-    return n
-
-
-class Writer:
-    """Appends record i at offset i*RECORD of `path` and fdatasyncs it, every PERIOD s."""
-
-    def __init__(self, path: Path, *, create: bool) -> None:
-        flags = os.O_WRONLY | (os.O_CREAT if create else 0)
-        self._fd = os.open(path, flags, 0o644)
-        self.acked: list[tuple[int, float]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            os.pwrite(self._fd, record(i), i * RECORD)
-            os.fdatasync(self._fd)
-            self.acked.append((i, time.monotonic_ns() / 1e9 - _mono_offset))
-            i += 1
-            time.sleep(PERIOD)
-
-    def __enter__(self) -> Writer:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        os.close(self._fd)
+class Writer(records.Writer):
+    """The application's stand-in (csi_virtvol/records.py), with the bound this test asserts."""
 
     def longest_stall(self, since: float, until: float) -> float:
-        times = [t for _, t in self.acked if since <= t <= until]
-        assert len(times) > 10, "the writer must keep writing through the snapshot"
-        return max(b - a for a, b in zip(times, times[1:]))
+        assert len([t for _, t in self.acked if since <= t <= until]) > 10, \
+            "the writer must keep writing through the snapshot"
+        return self.longest_pause(since, until)
 
 
 _mono_offset = time.monotonic_ns() / 1e9 - time.time()   # monotonic -> wall clock, as the pair's cut_at
@@ -162,12 +124,7 @@ def _restored_bytes(p: Plugin, snap_id: str, size: int, length: int) -> bytes:
 def _check_image(image: bytes, acked: list[tuple[int, float]], cut: float) -> None:
     before = [i for i, t in acked if t < cut]
     assert before and len(acked) > len(before) + 10, "the writer must run on both sides of the cut"
-    n = prefix_length(image)
-    tail = image[n * RECORD:]
-    assert tail.count(0) == len(tail), f"the image holds a torn or foreign record after record {n}"
-    assert n - 1 >= before[-1], f"record {before[-1]} was acknowledged before the cut but is not in the image"
-    assert n - 1 <= before[-1] + 1, f"records up to {n - 1} are in the image; only {before[-1]} (+1 in flight) " \
-                                    "were written before the cut"
+    records.check_image(image, acked, cut)
 
 
 def test_snapshot_of_a_mounted_1gib_ext4_holds_its_writer_only_for_an_instant(ext4_plugin: Plugin,
