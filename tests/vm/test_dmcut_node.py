@@ -26,6 +26,7 @@ from csi_virtvol.node.cut import CHUNK
 from csi_virtvol.node.layout import BackingExtent
 from csi_virtvol.node.stager import Stager
 
+from blockio import write_at as write
 from lvmvg import IN_VM, MiB
 
 NOT_IN_VM = "needs device-mapper: runs inside vmtest (tests/vm/test_dmcut_vm.py starts it)"
@@ -57,15 +58,6 @@ def stage(root: Path, name: str) -> Vol:
     rec = Stager(v.state, composer="dm").stage(name, v.extents(), v.staging, access="block")
     write(rec.device, 0, v.data)
     return v
-
-
-def write(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read(path: str, offset: int, length: int) -> bytes:
