@@ -306,3 +306,17 @@ def test_stop_deletes_the_job_and_returns_once_its_pod_no_longer_reads(fake_api:
     end_pod(fake_api, pod, 137, None)   # the kubelet killed it
     assert stopped.wait(10), "stop() did not return once the pod ended"
     t.join(5)
+
+
+def test_closing_the_runner_does_not_wait_out_its_open_watches(fake_api: FakeApiServer, client: Any) -> None:
+    """A controller's stop waited for each informer's watch to end on the server (its timeout):
+    about 20 s per stop.  Closing wakes them."""
+    runner = _runner(client)
+    _started(fake_api, runner)
+    assert until(lambda: runner._runner.pods is not None and runner._runner.pods.synced.is_set())
+    time.sleep(0.3)  # the watches are open and blocked on the server
+    _OPEN.remove(runner)
+    t0 = time.monotonic()
+    runner.close()
+    took = time.monotonic() - t0
+    assert took < 3, f"closing took {took:.1f} s"
