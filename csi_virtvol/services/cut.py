@@ -567,6 +567,11 @@ class CutKeeper:
             except errors.VirtvolError as e:
                 log.warning("cut %s of %s: could not clean it up: %s", cut_id, volume, e)
 
+    def sweep(self, pairs: Mapping[str, Pair]) -> None:
+        """End the cuts no pair reads any more, now (a scan does it too, after its steps)."""
+        if self._known is not None:
+            self._sweep(pairs)
+
     def release_all(self) -> None:
         """On the way out: let every held write go."""
         for pair_id, (volume, _, _) in list(self._held.items()):

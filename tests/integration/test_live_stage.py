@@ -23,7 +23,8 @@ import pytest
 from csi_virtvol.csi._gen import csi_pb2 as pb
 from csi_virtvol.store import base as S
 from csi_virtvol.store.sqlite import SqliteStore
-from harness.plugin import NODE_ID, Plugin, block_cap, mount_cap, running_plugin, unique
+from csi_virtvol import failpoints
+from harness.plugin import NODE_ID, Plugin, _teardown_node, block_cap, mount_cap, running_plugin, unique
 from test_groups import node_plugin
 
 MiB = 1 << 20
@@ -350,3 +351,26 @@ def test_a_pod_that_moves_to_another_node_before_it_stages_gets_the_cut_there(pl
     p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
     wait_no_leftovers(p.data_dir)
     assert p.lun_files() == []
+
+
+def test_a_stop_right_after_the_snapshot_and_volume_go_leaves_nothing(ext4_mount: Path, tmp_path: Path) -> None:
+    """DeleteSnapshot mid-copy, then the volume unstaged and deleted, then the plugin stopped
+    at once (a Ctrl-C of the demo, a DaemonSet rollout): the cut the unstage kept for the
+    copy, and the composition with it, go before the plugin ends, even if its last scan of
+    the pairs read them before the snapshot went (cut-node-scanned holds that scan open)."""
+    tag = unique("s")
+    workdir = tmp_path / "plugin"
+    pools = [("pool-a", ext4_mount / f"a-{tag}", 0, {}), ("pool-b", ext4_mount / f"b-{tag}", 0, {})]
+    try:
+        with running_plugin(workdir, pools, teardown_node=False) as p:
+            staging, target = workdir / "staging", workdir / "target"
+            vid, _, sid, _ = _published_source_with_a_cut(p, staging, target)
+            with failpoints.armed("cut-node-scanned", "sleep:3"):
+                time.sleep(1.5)   # a scan has read the pairs, the snapshot's among them, and waits
+                p.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=sid))
+                unpublish_and_unstage(p, vid, staging, target)
+                p.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+            data_dir = p.data_dir
+        assert leftovers(data_dir) == []
+    finally:
+        _teardown_node(str(workdir / "data" / "node"), workdir)
