@@ -109,8 +109,12 @@ class ConcatOperations(mfusepy.Operations):  # type: ignore[misc]
                 logger.error("cut %s cannot be loaded (%s); its view will not be served", cut_id, e)
                 self._broken.add(cut_id)
         for cut_id in cow.list_tracking(workdir):
-            self._tracks = {**self._tracks,
-                            cut_id: cow.Bitmap(cow.bitmap_path(workdir, cut_id), size=self.size)}
+            track = cow.Bitmap(cow.bitmap_path(workdir, cut_id), size=self.size)
+            if track.untrusted:
+                logger.warning("the writes tracked since cut %s were not all flushed when the machine went "
+                               "down: every chunk counts as changed, so its next resync copies the whole volume",
+                               cut_id)
+            self._tracks = {**self._tracks, cut_id: track}
         if self._cuts or self._tracks:
             logger.info("reloaded cuts %s, tracking %s", sorted(self._cuts), sorted(self._tracks))
 

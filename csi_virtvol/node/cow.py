@@ -17,6 +17,9 @@ serves the volume finds them again:
                                       the write that overwrites the chunk goes ahead
     workdir/cuts/<cut id>/full        present once the store hit its limit
     workdir/tracking/<cut id>.bitmap  one bit per chunk, written since the cut
+    workdir/tracking/<cut id>.bitmap.dirty
+                                      "dirty <boot id>" from the first new bit after a
+                                      flush until the bits are fdatasync'ed, else "clean"
 
 A torn last record (a crash while appending) fails its crc and is dropped on load: the
 write it was guarding never happened, because the write waits for the record.
@@ -86,10 +89,11 @@ def remove_cut(workdir: str, cut_id: str) -> None:
 
 
 def remove_tracking(workdir: str, cut_id: str) -> None:
-    try:
-        os.unlink(bitmap_path(workdir, cut_id))
-    except FileNotFoundError:
-        pass
+    for p in (bitmap_path(workdir, cut_id), bitmap_path(workdir, cut_id) + ".dirty"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
 
 
 def remove_unfinished(workdir: str) -> None:
@@ -240,21 +244,63 @@ class CowStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    """This boot of the kernel: a page cache that outlived a process is lost with a new one."""
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 class Bitmap:
-    """One bit per chunk: written since the cut it is named after.  mark() writes the
-    changed bytes at once (a process crash keeps them: they are in the page cache);
-    sync() makes them durable and is called on every flush the volume receives, so a
-    write acknowledged to the application is never missing from the bitmap."""
+    """One bit per chunk: written since the cut it is named after.
+
+    A write-intent log, as md's bitmap and dm-era are: a chunk's bit must never be missing
+    for a write that reached the LUN, or a resync from it would leave that chunk stale.
+    mark() runs before the write and puts the new bits in the page cache at once, which a
+    killed process leaves intact; sync() (on every flush the volume receives) makes them
+    durable.  Between the two only a power cut or a kernel crash can lose them, while the
+    data they guard may already be on disk.  So the first mark after each sync first makes
+    a marker durable, `<bitmap>.dirty` holding "dirty <boot id>", and sync() sets it back
+    to "clean" once the bits are down.  A bitmap opened with its marker dirty from another
+    boot cannot be trusted: every bit is set, and the next resync copies and verifies the
+    whole volume rather than miss a chunk.  That costs one fdatasync per flush interval in
+    which new chunks were written, not one per write."""
+
+    _CLEAN = b"clean".ljust(64)
 
     def __init__(self, path: str, *, size: int) -> None:
         self.path = path
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        existed = os.path.exists(path)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         n = (chunks_of(size) + 7) // 8
         have = os.pread(self._fd, max(n, os.fstat(self._fd).st_size), 0)
         self._bits = bytearray(have.ljust(n, b"\0"))
         self._lock = threading.Lock()
-        self._dirty = False
+        self._dirty = False   # bits written since the last sync
+        self._marked = False  # the marker says dirty, durably
+        self._gen = 0         # marks so far (a sync clears the marker only if none came meanwhile)
+        self._closed = False
+        self._boot = boot_id()
+        marker = path + ".dirty"
+        self._fresh = not os.path.exists(marker)   # its directory entry not yet made durable
+        self._mfd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        said = os.pread(self._mfd, 64, 0).split()
+        # a bitmap without its marker is one a power cut took the marker of (or an older
+        # release's): as untrusted as one left dirty by another boot
+        self.untrusted = existed and (self._fresh or said[:1] == [b"dirty"] and said[1:2] != [self._boot.encode()])
+        if self.untrusted:
+            self._bits = bytearray(b"\xff" * n)
+            os.pwrite(self._fd, bytes(self._bits), 0)
+        if existed:   # (a new one is all clear, and its first mark makes the files durable)
+            os.fdatasync(self._fd)   # and what this boot's page cache held of a killed process's marks
+            os.pwrite(self._mfd, self._CLEAN, 0)
+            os.fdatasync(self._mfd)
 
     def grow(self, size: int) -> None:
         n = (chunks_of(size) + 7) // 8
@@ -267,6 +313,8 @@ class Bitmap:
             return
         first, last = offset // CHUNK, (offset + length - 1) // CHUNK
         with self._lock:
+            if self._closed:   # dropped while this write was on its way: nothing tracks it any more
+                return
             lo, hi = -1, -1
             for c in range(first, last + 1):
                 byte, bit = divmod(c, 8)
@@ -277,27 +325,54 @@ class Bitmap:
                     lo = byte if lo < 0 else lo
                     hi = byte
             if lo >= 0:
+                if not self._marked:   # before the first bit a power cut could lose, and its write
+                    os.pwrite(self._mfd, f"dirty {self._boot}".encode().ljust(64), 0)
+                    os.fdatasync(self._mfd)
+                    if self._fresh:
+                        _fsync_dir(os.path.dirname(self.path))
+                        self._fresh = False
+                    self._marked = True
                 os.pwrite(self._fd, bytes(self._bits[lo:hi + 1]), lo)
                 self._dirty = True
+                self._gen += 1
 
     def sync(self) -> None:
-        if self._dirty:
+        with self._lock:
+            if not self._dirty or self._closed:
+                return
             self._dirty = False
-            os.fdatasync(self._fd)
+            gen = self._gen
+            fd = os.dup(self._fd)   # its own: a close() meanwhile must not leave it syncing another file
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            if self._gen == gen and self._marked and not self._closed:   # no mark since: every bit is down
+                os.pwrite(self._mfd, self._CLEAN, 0)  # not synced: a lost "clean" only costs a full resync
+                self._marked = False
 
     def bits(self) -> bytes:
         with self._lock:
             return bytes(self._bits)
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Safe against a mark() or sync() of another thread (a write the daemon was carrying
+        when the bitmap was dropped): they find it closed, never a reused descriptor."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._fd)
+            os.close(self._mfd)
 
     def remove(self) -> None:
         self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        for p in (self.path, self.path + ".dirty"):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
 
 
 def regions(bits: bytes, *, size: int, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
