@@ -58,6 +58,17 @@ def volume_bytes(p: Plugin, vid: str, length: int = 0) -> bytes:
     return bytes(out[:length] if length else out)
 
 
+def fill_luns(p: Plugin, vid: str) -> None:
+    """Random data in the volume, written where the arrays keep it (its LUN files)."""
+    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
+        rec = st.get(S.VOLUMES, vid)
+        assert rec is not None
+    for e in rec.value.extents:
+        with open(p.pools[e.array] / "luns" / f"{e.lun}.img", "r+b") as f:
+            f.seek(e.offset)
+            f.write(os.urandom(e.length))
+
+
 def pair_of(p: Plugin, sid: str):  # type: ignore[no-untyped-def]
     with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
         rec = st.get(S.PAIRS, sid)
@@ -180,13 +191,7 @@ def test_a_pod_starting_mid_copy_of_an_unpublished_source_is_not_held_back(acces
         name=unique(), capacity_range=pb.CapacityRange(required_bytes=SIZE), volume_capabilities=[cap])).volume.volume_id
     staging, target = p.data_dir.parent / "staging", p.data_dir.parent / "target"  # the harness cleans up there
     if access == "block":  # known data, written where the arrays keep it
-        with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
-            rec = st.get(S.VOLUMES, vid)
-            assert rec is not None
-        for e in rec.value.extents:
-            with open(p.pools[e.array] / "luns" / f"{e.lun}.img", "r+b") as f:
-                f.seek(e.offset)
-                f.write(os.urandom(e.length))
+        fill_luns(p, vid)
     else:  # a filesystem holding a big file, made by a pod that has since ended
         publish_and_stage(p, vid, cap, staging, target)
         with open(target / "data.bin", "wb") as f:
@@ -321,13 +326,7 @@ def test_a_pod_that_moves_to_another_node_before_it_stages_gets_the_cut_there(pl
     staging, target = p.data_dir.parent / "staging", p.data_dir.parent / "target"
     vid = p.controller.CreateVolume(pb.CreateVolumeRequest(
         name=unique(), capacity_range=pb.CapacityRange(required_bytes=SIZE), volume_capabilities=[cap])).volume.volume_id
-    with SqliteStore(str(p.data_dir / "state.db"), readonly=True) as st:
-        rec = st.get(S.VOLUMES, vid)
-        assert rec is not None
-    for e in rec.value.extents:
-        with open(p.pools[e.array] / "luns" / f"{e.lun}.img", "r+b") as f:
-            f.seek(e.offset)
-            f.write(os.urandom(e.length))
+    fill_luns(p, vid)
     before = volume_bytes(p, vid)
     slow_copies(p, vid)
     name = unique("snap")
