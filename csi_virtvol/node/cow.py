@@ -40,6 +40,7 @@ from typing import Any
 from csi_virtvol import errors
 
 CHUNK = 64 * 1024
+MARKER = ".dirty"   # <bitmap>.dirty, a tracking bitmap's write-intent marker: see Bitmap
 HEADER = 4096
 RECORD = HEADER + CHUNK
 MAGIC = b"VVCOW001"
@@ -89,7 +90,12 @@ def remove_cut(workdir: str, cut_id: str) -> None:
 
 
 def remove_tracking(workdir: str, cut_id: str) -> None:
-    for p in (bitmap_path(workdir, cut_id), bitmap_path(workdir, cut_id) + ".dirty"):
+    _unlink_bitmap(bitmap_path(workdir, cut_id))
+
+
+def _unlink_bitmap(path: str) -> None:
+    """A tracking bitmap and its marker (Bitmap); what is gone is fine."""
+    for p in (path, path + MARKER):
         try:
             os.unlink(p)
         except FileNotFoundError:
@@ -287,7 +293,7 @@ class Bitmap:
         self._gen = 0         # marks so far (a sync clears the marker only if none came meanwhile)
         self._closed = False
         self._boot = boot_id()
-        marker = path + ".dirty"
+        marker = path + MARKER
         self._fresh = not os.path.exists(marker)   # its directory entry not yet made durable
         self._mfd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         said = os.pread(self._mfd, 64, 0).split()
@@ -368,11 +374,7 @@ class Bitmap:
 
     def remove(self) -> None:
         self.close()
-        for p in (self.path, self.path + ".dirty"):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        _unlink_bitmap(self.path)
 
 
 def regions(bits: bytes, *, size: int, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
